@@ -1,0 +1,152 @@
+"""The one decode/preprocess path: formats, bit depths, channels and every kind of bad bytes."""
+
+import io
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from protein_ray.imaging import (
+    HPA_MEAN,
+    HPA_STD,
+    ImageDecodeError,
+    decode_image,
+    merge_channels,
+    preprocess_batch,
+)
+
+
+def encode(array: np.ndarray, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    if fmt == "TIFF":
+        tifffile.imwrite(buffer, array, **kwargs)
+    else:
+        Image.fromarray(array).save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def rgb8():
+    return np.random.default_rng(0).integers(0, 256, size=(40, 52, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_lossless_formats_decode_exactly(rgb8, fmt):
+    decoded = decode_image(encode(rgb8, fmt))
+    assert decoded.dtype == np.float32 and decoded.shape == (40, 52, 3)
+    np.testing.assert_allclose(decoded, rgb8 / 255.0, atol=1e-6)
+
+
+def test_jpeg_decodes_close(rgb8):
+    smooth = np.full((32, 32, 3), (30, 90, 200), dtype=np.uint8)
+    np.testing.assert_allclose(decode_image(encode(smooth, "JPEG", quality=95)), smooth / 255.0, atol=0.02)
+
+
+def test_sixteen_bit_tiff_matches_eight_bit_scale(rgb8):
+    rgb16 = rgb8.astype(np.uint16) * 257  # 255 -> 65535
+    np.testing.assert_allclose(decode_image(encode(rgb16, "TIFF", photometric="rgb")), rgb8 / 255.0, atol=1e-6)
+
+
+def test_rgba_drops_alpha(rgb8):
+    rgba = np.dstack([rgb8, np.full(rgb8.shape[:2], 7, np.uint8)])
+    np.testing.assert_allclose(decode_image(encode(rgba, "PNG")), rgb8 / 255.0, atol=1e-6)
+
+
+def test_real_16bit_nucleus_tiff_merges_as_blue(real_nucleus_tif):
+    zeros = encode(np.zeros((512, 512), np.uint16), "TIFF")
+    merged = merge_channels([zeros, zeros, real_nucleus_tif])
+    raw = tifffile.imread(io.BytesIO(real_nucleus_tif))
+    assert raw.dtype == np.uint16 and merged.shape == (512, 512, 3)
+    np.testing.assert_allclose(merged[..., 2], raw / 65535.0, atol=1e-7)
+    assert merged[..., :2].max() == 0 and merged[..., 2].max() > 0
+
+
+def test_sixteen_bit_png_grey_stains_merge():
+    grey16 = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
+    stain = encode(grey16, "PNG")
+    merged = merge_channels([stain, stain, stain])
+    np.testing.assert_allclose(merged[..., 1], grey16 / 65535.0, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", "empty"),
+        (b"this is a text file, not a picture", "not_an_image"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 20, "not_an_image"),
+    ],
+)
+def test_bad_bytes_get_a_reason(data, reason):
+    with pytest.raises(ImageDecodeError) as error:
+        decode_image(data)
+    assert error.value.reason == reason
+
+
+def test_truncated_png(rgb8):
+    data = encode(rgb8, "PNG")
+    with pytest.raises(ImageDecodeError) as error:
+        decode_image(data[: len(data) // 2])
+    assert error.value.reason == "truncated"
+
+
+def test_truncated_tiff(rgb8):
+    data = encode(rgb8, "TIFF")
+    with pytest.raises(ImageDecodeError) as error:
+        decode_image(data[:200])
+    assert error.value.reason == "truncated"
+
+
+@pytest.mark.parametrize("shape", [(30, 30), (30, 30, 2)])
+def test_wrong_channel_count(shape):
+    array = np.zeros(shape, np.uint8)
+    data = encode(array, "TIFF") if len(shape) == 3 else encode(array, "PNG")
+    with pytest.raises(ImageDecodeError) as error:
+        decode_image(data)
+    assert error.value.reason == "channels" and "expected 3" in str(error.value)
+
+
+def test_too_many_pixels_refused_before_decoding(rgb8):
+    with pytest.raises(ImageDecodeError) as error:
+        decode_image(encode(rgb8, "PNG"), max_pixels=100)
+    assert error.value.reason == "too_large"
+
+
+def test_decompression_bomb_header_refused():
+    # A 20000x20000 all-black PNG compresses to a few hundred kB but would need 1.2 GB decoded.
+    bomb = encode(np.zeros((20000, 20000), dtype=np.uint8), "PNG")
+    with pytest.raises(ImageDecodeError) as error:
+        decode_image(bomb, max_pixels=10_000_000)
+    assert error.value.reason == "too_large"
+
+
+def test_float_tiff_is_a_bit_depth_error():
+    with pytest.raises(ImageDecodeError) as error:
+        decode_image(encode(np.full((8, 8, 3), 0.5, np.float32), "TIFF", photometric="rgb"))
+    assert error.value.reason == "bit_depth"
+
+
+def test_stains_of_different_sizes_are_refused():
+    a, b = encode(np.zeros((8, 8), np.uint8), "PNG"), encode(np.zeros((9, 8), np.uint8), "PNG")
+    with pytest.raises(ImageDecodeError, match="differ in size"):
+        merge_channels([a, a, b])
+
+
+def test_preprocess_resizes_and_normalizes(rgb8):
+    image = decode_image(encode(rgb8, "PNG"))
+    batch = preprocess_batch([image, image], size=24)
+    assert batch.shape == (2, 3, 24, 24) and batch.dtype == np.float32
+    mean_pixel = image.reshape(-1, 3).mean(axis=0)
+    expected = (mean_pixel - np.array(HPA_MEAN)) / np.array(HPA_STD)
+    np.testing.assert_allclose(batch[0].mean(axis=(1, 2)), expected, atol=0.05)
+
+
+def test_augmentation_keeps_content_and_varies(rgb8):
+    image = decode_image(encode(rgb8[:40, :40], "PNG"))
+    plain = preprocess_batch([image], size=40)[0]
+    rng = np.random.default_rng(1)
+    augmented = [preprocess_batch([image], size=40, augment_rng=rng)[0] for _ in range(8)]
+    assert any(not np.allclose(a, plain) for a in augmented)
+    for a in augmented:  # a turn/flip and a brightness scale never change the value histogram's shape much
+        assert a.shape == plain.shape
+        assert abs(np.corrcoef(np.sort(a.ravel()), np.sort(plain.ravel()))[0, 1]) > 0.99
