@@ -204,15 +204,20 @@ def check_image_header(data: bytes, source: str) -> None:
         raise DataSourceError(f"{source}: not a readable image ({error})") from None
 
 
-def load_shard_rows(batch: pd.DataFrame) -> pd.DataFrame:
-    """Ray Data map function: index rows -> shard rows with the image bytes."""
+def load_shard_rows(batch: pd.DataFrame, check_headers: bool = True) -> pd.DataFrame:
+    """Ray Data map function: index rows -> shard rows with the image bytes.
+
+    With ``check_headers`` (writing shards) a non-image fails the job, naming the
+    file; without (training, scoring) bad bytes pass through for the consumer to
+    count or report per row."""
     images, sources = [], []
     for row_sources in batch["sources"]:
         try:
             data = load_encoded_image(list(row_sources))
         except (ImageDecodeError, storage.StorageError) as error:
             raise DataSourceError(f"{' + '.join(row_sources)}: {error}") from None
-        check_image_header(data, row_sources[0])
+        if check_headers:
+            check_image_header(data, row_sources[0])
         images.append(data)
         sources.append(row_sources[0] if len(row_sources) == 1 else " ".join(row_sources))
     return pd.DataFrame(
@@ -228,7 +233,7 @@ def load_shard_rows(batch: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def index_to_dataset(index: pd.DataFrame, batch_size: int = 64):
+def index_to_dataset(index: pd.DataFrame, batch_size: int = 64, check_headers: bool = True):
     """A lazy Ray Dataset of shard rows (bytes read in Ray tasks)."""
     import ray.data
 
@@ -240,7 +245,9 @@ def index_to_dataset(index: pd.DataFrame, batch_size: int = 64):
             frame[column] = None
     frame["field"] = frame["field"].astype("Int32")
     frame = frame[["image_id", "labels", "plate", "well", "field", "sources"]]
-    return ray.data.from_pandas(frame).map_batches(load_shard_rows, batch_size=batch_size, batch_format="pandas")
+    return ray.data.from_pandas(frame).map_batches(
+        load_shard_rows, batch_size=batch_size, batch_format="pandas", fn_kwargs={"check_headers": check_headers}
+    )
 
 
 # ---------------------------------------------------------------- shards ------

@@ -50,6 +50,13 @@ def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(text).expanduser().absolute())
 
 
+def absolute(uri: str | os.PathLike) -> str:
+    """A URI that means the same file from any process: relative local paths are
+    resolved against this process's working directory (Ray workers have another)."""
+    text = str(uri)
+    return text if is_s3(text) else str(Path(text).expanduser().absolute())
+
+
 def join(uri: str | os.PathLike, *parts: str) -> str:
     text = str(uri)
     if is_s3(text):

@@ -231,6 +231,7 @@ def _mitochondria(field: Field, rng) -> np.ndarray:
     # Zero crossings of smooth noise form a net of threads; dense around the nucleus.
     noise = _smooth_noise((field.size,) * 2, 4 * field.scale, rng)
     threads = np.exp(-((noise / 0.45) ** 2))
+    threads *= np.clip(_smooth_noise((field.size,) * 2, 6 * field.scale, rng) + 0.6, 0, 1)  # break the net into tubules
     grains = np.clip(_smooth_noise((field.size,) * 2, 1.5 * field.scale, rng), 0, None) * 0.3
     density = 0.35 + 0.65 * field.perinuclear
     return (threads + grains) * density * field.cytoplasm
@@ -368,7 +369,233 @@ def render_field(labels: Sequence[int], size: int, rng: np.random.Generator) -> 
     """One field of view as float32 (size, size, 3) in 0..1: R microtubules, G protein, B DNA."""
     labels = validate_ids(labels)
     field = _build_field(size, rng)
-    gains = rng.lognormal(np.log([0.30, 0.60, 0.50]), 0.3)  # exposure per channel
+    gains = rng.lognormal(np.log([0.54, 0.68, 0.72]), 0.3)  # exposure per channel
     red = _microtubules(field, rng) * rng.uniform(0.6, 1.1, field.n_cells + 1)[field.owner]
     image = np.stack([red * gains[0], _green(field, labels, rng) * gains[1], _dna(field, rng) * gains[2]], -1)
     return _camera(image, field.scale, rng)
+
+
+# ----------------------------------------------------------------------------- writing images
+@dataclass(frozen=True)
+class _Job:
+    """One image to render and save: picklable, so it can go to a worker process."""
+
+    entropy: tuple[int, ...]  # SeedSequence entropy: fixes the image whatever the worker
+    labels: tuple[int, ...]
+    size: int
+    stem: str  # path without extension
+    fmt: str  # "png" | "tif16" | "png-separate" | "tif16-separate"
+
+
+STAINS = ("red", "green", "blue")
+
+
+def _save(image: np.ndarray, stem: str, fmt: str) -> None:
+    from PIL import Image  # imported here: workers only
+    import tifffile
+
+    if fmt.startswith("tif16"):
+        pixels = np.rint(image * 65535).astype(np.uint16)
+    else:
+        pixels = np.rint(image * 255).astype(np.uint8)
+    if fmt == "png":
+        Image.fromarray(pixels, "RGB").save(f"{stem}.png", compress_level=3)
+    elif fmt == "tif16":
+        tifffile.imwrite(f"{stem}.tif", pixels, photometric="rgb")
+    elif fmt == "png-separate":
+        for channel, stain in enumerate(STAINS):
+            Image.fromarray(np.ascontiguousarray(pixels[..., channel]), "L").save(f"{stem}_{stain}.png", compress_level=3)
+    elif fmt == "tif16-separate":
+        for channel, stain in enumerate(STAINS):
+            tifffile.imwrite(f"{stem}_{stain}.tif", np.ascontiguousarray(pixels[..., channel]), photometric="minisblack")
+    else:
+        raise ValueError(f"unknown image format {fmt!r}")
+
+
+def _render_jobs(jobs: Sequence[_Job]) -> int:
+    for job in jobs:
+        rng = np.random.default_rng(np.random.SeedSequence(list(job.entropy)))
+        _save(render_field(job.labels, job.size, rng), job.stem, job.fmt)
+    return len(jobs)
+
+
+def _run_jobs(jobs: Sequence[_Job], workers: int | None, progress: bool, what: str) -> None:
+    """Render all jobs, in chunks over a process pool (or in this process for one worker)."""
+    from tqdm.auto import tqdm
+
+    workers = max(1, workers or os.cpu_count() or 1)
+    # Chunks amortise pickling/IPC, yet stay small enough to balance the load and update the bar.
+    chunk = max(1, min(64, math.ceil(len(jobs) / (workers * 8))))
+    chunks = [jobs[i:i + chunk] for i in range(0, len(jobs), chunk)]
+    with tqdm(total=len(jobs), desc=what, unit="img", disable=not progress) as bar:
+        if workers == 1 or len(chunks) == 1:
+            for part in chunks:
+                bar.update(_render_jobs(part))
+            return
+        with ProcessPoolExecutor(max_workers=min(workers, len(chunks))) as pool:
+            for done in as_completed([pool.submit(_render_jobs, part) for part in chunks]):
+                bar.update(done.result())
+
+
+# ----------------------------------------------------------------------------- dataset folders
+def _read_manifest(out: Path) -> dict | None:
+    try:
+        return json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _existing_dataset(out: Path, args: dict) -> dict | None:
+    """The stored summary when ``out`` already holds this exact dataset; raise if it is foreign."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
+    if not any(out.iterdir()):
+        return None
+    manifest = _read_manifest(out)
+    if manifest is None:
+        raise FileExistsError(
+            f"{out} is not empty and is not a synthetic dataset (no {MANIFEST}); "
+            "choose another folder or empty it first")
+    if manifest.get("args") == args:
+        return manifest.get("summary", {})
+    logger.warning("replacing the synthetic dataset in %s (made with %s)", out, manifest.get("args"))
+    return None
+
+
+@contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A temp folder next to ``out`` that replaces it only if the body finishes."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    (tmp / INCOMPLETE_MARKER).write_text("generation did not finish\n")
+    try:
+        yield tmp
+        (tmp / INCOMPLETE_MARKER).unlink()
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        if out.exists():
+            out.rename(old)  # keep the old one until the new one is in place
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_csv(path: Path, header: Sequence[str], rows) -> None:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def _label_rng(seed: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, stream]))
+
+
+def _generate(out: Path, args: dict, workers, progress, build: Callable[[Path], tuple[list[_Job], dict]]) -> dict:
+    """Shared frame of both layouts: reuse, stage, render, write the manifest, time it."""
+    summary = _existing_dataset(out, args)
+    if summary is not None:
+        logger.info("reusing the synthetic dataset in %s", out)
+        return _resolved(summary, out, reused=True)
+    start = time.perf_counter()
+    with _staging(out) as tmp:
+        jobs, summary = build(tmp)
+        _run_jobs(jobs, workers, progress, f"synthetic {args['kind']}")
+        seconds = time.perf_counter() - start
+        summary.update(images=len(jobs), seconds=round(seconds, 3),
+                       images_per_s=round(len(jobs) / max(seconds, 1e-9), 2))
+        (tmp / MANIFEST).write_text(json.dumps({"args": args, "summary": summary}, indent=2))
+    logger.info("wrote %d synthetic images to %s in %.1f s", len(jobs), out, seconds)
+    return _resolved(summary, out, reused=False)
+
+
+def _resolved(summary: dict, out: Path, reused: bool) -> dict:
+    """The manifest keeps paths relative (the folder may move); callers get full ones."""
+    paths = {key: str(out / value) for key, value in summary.items() if key.endswith(("_csv", "_dir"))}
+    return {**summary, **paths, "out": str(out), "reused": reused}
+
+
+def write_kaggle_dataset(out: str | Path, n_train: int = 2000, n_test: int = 500, size: int = 512,
+                         seed: int = 0, workers: int | None = None, progress: bool = True) -> dict:
+    """Write the Kaggle layout (train/, test/, train.csv, submission.csv, test_labels.csv)."""
+    if n_train < 0 or n_test < 0 or size < 16:
+        raise ValueError("n_train and n_test must be >= 0 and size >= 16")
+    out = Path(out)
+    args = dict(kind="kaggle", n_train=n_train, n_test=n_test, size=size, seed=seed, version=GENERATOR_VERSION)
+
+    def build(tmp: Path) -> tuple[list[_Job], dict]:
+        jobs = []
+        for split, prefix, n, stream, label_stream in (
+                ("train", "syn", n_train, TRAIN, TRAIN_LABELS), ("test", "syntest", n_test, TEST, TEST_LABELS)):
+            (tmp / split).mkdir()
+            label_sets = sample_label_sets(n, _label_rng(seed, label_stream))
+            ids = [f"{prefix}{i:06d}" for i in range(n)]
+            rows = [(image_id, format_label_string(labels)) for image_id, labels in zip(ids, label_sets)]
+            _write_csv(tmp / ("train.csv" if split == "train" else "test_labels.csv"), ("Image", "Label"), rows)
+            if split == "test":
+                _write_csv(tmp / "submission.csv", ("Image", "Label"), [(image_id, "") for image_id in ids])
+            jobs += [_Job((seed, stream, i), tuple(labels), size, str(tmp / split / image_id), "png")
+                     for i, (image_id, labels) in enumerate(zip(ids, label_sets))]
+        summary = dict(kind="kaggle", n_train=n_train, n_test=n_test, size=size, seed=seed,
+                       train_csv="train.csv", submission_csv="submission.csv", test_labels_csv="test_labels.csv",
+                       train_dir="train", test_dir="test")
+        return jobs, summary
+
+    return _generate(out, args, workers, progress, build)
+
+
+def well_names(wells: int) -> list[str]:
+    """``A01``..``H12`` for 96 wells, ``A01``..``P24`` for 384 (row-major)."""
+    shapes = {96: (8, 12), 384: (16, 24)}
+    if wells not in shapes:
+        raise ValueError(f"wells must be 96 or 384, not {wells}")
+    rows, columns = shapes[wells]
+    return [f"{chr(ord('A') + r)}{c + 1:02d}" for r in range(rows) for c in range(columns)]
+
+
+def write_plate_dataset(out: str | Path, plates: int = 1, wells: int = 96, fields: int = 4,
+                        channels: str = "merged", bit_depth: int = 8, size: int = 512, seed: int = 0,
+                        workers: int | None = None, progress: bool = True) -> dict:
+    """Write plate folders ``P001/P001_A01_f1.png`` (or one file per stain) with planted labels.
+
+    Every well gets one label set (real frequencies); all its fields show it. The truth is
+    in ``ground_truth.csv`` (per image) and ``wells.csv`` (per well).
+    """
+    if channels not in ("merged", "separate"):
+        raise ValueError(f"channels must be 'merged' or 'separate', not {channels!r}")
+    if bit_depth not in (8, 16):
+        raise ValueError(f"bit_depth must be 8 or 16, not {bit_depth}")
+    if plates < 1 or fields < 1 or size < 16:
+        raise ValueError("plates and fields must be >= 1 and size >= 16")
+    names = well_names(wells)
+    out = Path(out)
+    fmt = ("png" if bit_depth == 8 else "tif16") + ("-separate" if channels == "separate" else "")
+    args = dict(kind="plate", plates=plates, wells=wells, fields=fields, channels=channels,
+                bit_depth=bit_depth, size=size, seed=seed, version=GENERATOR_VERSION)
+
+    def build(tmp: Path) -> tuple[list[_Job], dict]:
+        well_labels = sample_label_sets(plates * wells, _label_rng(seed, PLATE_LABELS))
+        jobs, truth, well_rows = [], [], []
+        for p in range(plates):
+            plate = f"P{p + 1:03d}"
+            (tmp / plate).mkdir()
+            for w, well in enumerate(names):
+                labels = well_labels[p * wells + w]
+                well_rows.append((plate, well, format_label_string(labels)))
+                for f in range(1, fields + 1):
+                    image_id = f"{plate}_{well}_f{f}"
+                    truth.append((plate, well, f, image_id, format_label_string(labels)))
+                    jobs.append(_Job((seed, PLATE, p, w, f), tuple(labels), size, str(tmp / plate / image_id), fmt))
+        _write_csv(tmp / "ground_truth.csv", ("plate", "well", "field", "image_id", "labels"), truth)
+        _write_csv(tmp / "wells.csv", ("plate", "well", "labels"), well_rows)
+        summary = dict(kind="plate", plates=plates, wells=wells, fields=fields, channels=channels,
+                       bit_depth=bit_depth, size=size, seed=seed, ground_truth_csv="ground_truth.csv",
+                       wells_csv="wells.csv", plate_names=[f"P{p + 1:03d}" for p in range(plates)],
+                       files=len(jobs) * (3 if channels == "separate" else 1))
+        return jobs, summary
+
+    return _generate(out, args, workers, progress, build)

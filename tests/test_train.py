@@ -1,0 +1,203 @@
+"""Training: configuration, checkpoints, and real Ray Train runs (2 CPU workers, gloo)."""
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from protein_ray.config import ConfigError, TrainingConfig, load_config
+from protein_ray.labels import CLASS_NAMES
+from protein_ray.model import ModelCard, create_model, load_checkpoint, read_model_card, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------- configuration --
+
+
+def test_cpu_demo_preset_is_the_embedded_default():
+    assert load_config(ROOT / "configs" / "cpu-demo.yaml") == load_config(None)
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_preset_loads(preset):
+    assert isinstance(load_config(ROOT / "configs" / preset), TrainingConfig)
+
+
+def test_overrides_are_typed():
+    config = load_config(None, ["model.name=resnet34", "optim.epochs=20", "optim.lr=1e-4", "run.use_gpu=true"])
+    assert (config.model.name, config.optim.epochs, config.optim.lr, config.run.use_gpu) == ("resnet34", 20, 1e-4, True)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.name=resnet_does_not_exist", "unknown timm backbone 'resnet_does_not_exist'"),
+        ("optim.epochs=zero", "optim.epochs: expected int, got 'zero'"),
+        ("optim.epochs=0", "optim.epochs must be at least 1"),
+        ("optim.loss=hinge", "optim.loss must be one of"),
+        ("optim.learning_rate=0.1", "unknown setting 'optim.learning_rate'"),
+        ("trainer.epochs=3", "unknown setting 'trainer.epochs'"),
+        ("data.val_fraction=1.5", "data.val_fraction must be between 0 and 1"),
+        ("run.use_gpu=maybe", "expected true/false"),
+        ("optim.epochs", "must look like section.key=value"),
+    ],
+)
+def test_invalid_config_values_fail_with_the_fix(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, [override])
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("configs/nope.yaml")
+
+
+# --------------------------------------------------------------- checkpoints --
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("test_resnet").eval()
+    card = ModelCard(backbone="test_resnet", image_size=64, thresholds=[0.3] * 10, metrics={"macro_f1": 0.5}, epoch=2)
+    save_checkpoint(tmp_path / "ckpt", model, card, training_state={"epoch": 2})
+    assert {p.name for p in (tmp_path / "ckpt").iterdir()} == {"model.safetensors", "config.json", "training_state.pt"}
+    rebuilt, loaded_card = load_checkpoint(str(tmp_path / "ckpt"))
+    images = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(images), model(images), rtol=0, atol=0)
+    assert loaded_card == card and loaded_card.class_names == list(CLASS_NAMES)
+
+
+@pytest.mark.s3
+def test_checkpoint_loads_from_s3(tmp_path, s3_bucket):
+    from protein_ray import storage
+
+    model = create_model("test_resnet").eval()
+    save_checkpoint(tmp_path / "ckpt", model, ModelCard(backbone="test_resnet", image_size=64))
+    for path in (tmp_path / "ckpt").iterdir():
+        storage.write_bytes(f"{s3_bucket}/ckpt/{path.name}", path.read_bytes())
+    rebuilt, card = load_checkpoint(f"{s3_bucket}/ckpt")
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(images), model(images), rtol=0, atol=0)
+
+
+def test_not_a_checkpoint_says_how_to_get_one(tmp_path):
+    with pytest.raises(ValueError, match="protein-ray train"):
+        read_model_card(str(tmp_path))
+
+
+# -------------------------------------------------------- real training runs --
+
+
+def smoke_config(tmp_path_factory, name: str, *extra: str) -> TrainingConfig:
+    data_dir = tmp_path_factory.getbasetemp() / "smoke-data"  # shared: generated once per session
+    return load_config(
+        ROOT / "configs" / "smoke.yaml",
+        [f"data.synthetic_dir={data_dir}", f"run.storage_path={tmp_path_factory.getbasetemp() / 'runs'}",
+         f"run.name={name}", *extra],
+    )
+
+
+def history(config: TrainingConfig) -> list[dict]:
+    path = Path(config.run.storage_path) / config.run.name / "history.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(ray_session, tmp_path_factory):
+    from protein_ray.train import run_training
+
+    config = smoke_config(tmp_path_factory, "smoke")
+    return config, run_training(config)
+
+
+@pytest.mark.slow
+def test_smoke_training_learns(smoke_run):
+    config, best = smoke_run
+    records = history(config)
+    assert [r["epoch"] for r in records] == [0, 1, 2]
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    best_card = read_model_card(best)
+    assert best_card.metrics["macro_f1"] > best_card.metrics["label_prior_macro_f1"] + 0.05
+    assert best_card.metrics["macro_f1"] == max(r["macro_f1"] for r in records)
+    run_dir = Path(config.run.storage_path) / config.run.name
+    assert {"curves.png", "classes.png", "config.yaml", "history.jsonl"} <= {p.name for p in run_dir.iterdir()}
+    assert load_config(run_dir / "config.yaml") == config  # the resolved config is saved with the run
+
+
+@pytest.mark.slow
+def test_rerun_with_same_name_resumes_at_the_next_epoch(smoke_run, tmp_path_factory):
+    from protein_ray.train import run_training
+
+    config = smoke_config(tmp_path_factory, "smoke", "optim.epochs=4")
+    run_training(config)
+    epochs = [r["epoch"] for r in history(config)]
+    assert epochs == [0, 1, 2, 3], "the rerun should add epoch 4 only, not start over"
+
+
+def train_worker_pids() -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+
+
+@pytest.mark.slow
+def test_killed_worker_restarts_from_latest_checkpoint(ray_session, tmp_path_factory):
+    import os
+    import signal
+
+    from protein_ray.train import run_training
+
+    config = smoke_config(tmp_path_factory, "killed", "optim.epochs=3")
+    run_dir = Path(config.run.storage_path) / config.run.name
+    killed = []
+
+    def kill_after_first_checkpoint():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not killed:
+            if list(run_dir.glob("epoch_000*/model.safetensors")) and train_worker_pids():
+                pid = train_worker_pids()[-1]
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    watcher.start()
+    best = run_training(config)
+    watcher.join(timeout=5)
+    assert killed, "no training worker was killed"
+    epochs = [r["epoch"] for r in history(config)]
+    assert epochs[-1] == 2 and epochs[0] == 0
+    assert epochs.count(0) == 1, f"the restart began again at epoch 1: {epochs}"
+    assert read_model_card(best).epoch in epochs
+
+
+# ---------------------------------------------------------------- bad data ---
+
+
+def test_missing_dataset_path_fails_before_workers(ray_session, tmp_path):
+    from protein_ray.train import TrainingDataError, prepare_datasets
+
+    config = load_config(None, [f"data.path={tmp_path / 'nowhere'}"])
+    with pytest.raises(TrainingDataError, match="does not exist"):
+        prepare_datasets(config)
+
+
+def test_corrupt_training_images_are_counted_then_fatal_past_the_limit(ray_session, tmp_path):
+    from protein_ray import synthetic
+    from protein_ray.train import TrainingDataError, check_decodable, labelled_rows
+
+    root = tmp_path / "kaggle"
+    synthetic.write_kaggle_dataset(root, n_train=30, n_test=2, size=64, seed=1, workers=1, progress=False)
+    victim = sorted((root / "train").glob("*.png"))[4]
+    victim.write_bytes(victim.read_bytes()[:100])  # truncated
+    rows, index = labelled_rows(str(root))
+    assert check_decodable(rows, len(index), max_bad_fraction=0.1) == 1
+    with pytest.raises(TrainingDataError, match=rf"1 of 30 training images cannot be decoded.*{victim.stem}"):
+        check_decodable(rows, len(index), max_bad_fraction=0.0)
