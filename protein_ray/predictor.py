@@ -1,0 +1,116 @@
+"""The Predictor: checkpoint -> probabilities, shared by batch scoring and Serve.
+
+It owns the model and the checkpoint's model card and uses the one decode and
+preprocess path (``protein_ray.imaging``), so an image scored by the bulk job,
+over HTTP, or in a notebook gets the same probabilities.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from protein_ray.imaging import ImageDecodeError, decode_image, preprocess_batch
+from protein_ray.labels import CLASS_NAMES
+from protein_ray.metrics import apply_thresholds
+from protein_ray.model import ModelCard, load_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ImageResult:
+    """One image's outcome: probabilities and labels, or the reason it failed."""
+
+    probabilities: np.ndarray | None = None
+    label_ids: list[int] | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def tta_views(batch: torch.Tensor) -> list[torch.Tensor]:
+    """Flips and 90-degree turns: cells have no orientation, so each view is as
+    valid as the original and averaging them reduces variance."""
+    return [batch, batch.flip(-1), batch.flip(-2), batch.rot90(1, dims=(-2, -1))]
+
+
+class Predictor:
+    def __init__(self, checkpoint: str, device: str | None = None, tta: bool = False):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.checkpoint = checkpoint
+        self.model, self.card = load_checkpoint(checkpoint, self.device)
+        self.tta = tta
+        self.thresholds = np.asarray(self.card.thresholds, dtype=np.float32)
+        logger.info("loaded %s (%s, %d px) on %s", checkpoint, self.card.backbone, self.card.image_size, self.device)
+
+    @property
+    def image_size(self) -> int:
+        return self.card.image_size
+
+    def set_thresholds(self, thresholds: Sequence[float]) -> None:
+        thresholds = np.asarray(thresholds, dtype=np.float32)
+        if thresholds.shape != (len(CLASS_NAMES),) or not ((0 < thresholds) & (thresholds < 1)).all():
+            raise ValueError(f"thresholds must be {len(CLASS_NAMES)} numbers strictly between 0 and 1")
+        self.thresholds = thresholds
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Decoded float images -> normalized (N, 3, S, S) with the checkpoint's settings."""
+        return preprocess_batch(images, self.card.image_size, self.card.mean, self.card.std)
+
+    @torch.inference_mode()
+    def predict_batch(self, batch: np.ndarray) -> np.ndarray:
+        """Preprocessed (N, 3, S, S) -> probabilities (N, 10)."""
+        tensor = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
+        views = tta_views(tensor) if self.tta else [tensor]
+        probs = torch.stack([torch.sigmoid(self.model(view).float()) for view in views]).mean(dim=0)
+        return probs.cpu().numpy()
+
+    @torch.inference_mode()
+    def embed_batch(self, batch: np.ndarray) -> np.ndarray:
+        """Penultimate-layer features (N, D), for downstream profiling."""
+        tensor = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
+        features = self.model.forward_head(self.model.forward_features(tensor), pre_logits=True)
+        return features.float().cpu().numpy()
+
+    def label_ids(self, probs: np.ndarray) -> list[list[int]]:
+        chosen = apply_thresholds(probs, self.thresholds, never_empty=self.card.never_empty)
+        return [np.flatnonzero(row).tolist() for row in chosen]
+
+    def predict_bytes(self, encoded: Sequence[bytes]) -> list[ImageResult]:
+        """Encoded images -> one result per input, in order; bad bytes give an error
+        result instead of failing the others."""
+        results: list[ImageResult] = [ImageResult() for _ in encoded]
+        decoded, positions = [], []
+        for position, data in enumerate(encoded):
+            try:
+                decoded.append(decode_image(data))
+                positions.append(position)
+            except ImageDecodeError as error:
+                results[position].error = str(error)
+        if decoded:
+            probs = self.predict_batch(self.preprocess(decoded))
+            for position, row, ids in zip(positions, probs, self.label_ids(probs)):
+                results[position] = ImageResult(probabilities=row, label_ids=ids)
+        return results
+
+
+def model_summary(card: ModelCard, checkpoint: str, thresholds: np.ndarray) -> dict:
+    """What ``GET /model`` and the bulk job's outputs say about the model."""
+    return {
+        "checkpoint": checkpoint,
+        "backbone": card.backbone,
+        "image_size": card.image_size,
+        "classes": list(card.class_names),
+        "thresholds": [float(t) for t in thresholds],
+        "never_empty": card.never_empty,
+        "epoch": card.epoch,
+        "metrics": {k: card.metrics.get(k) for k in ("macro_f1", "micro_f1", "mAP") if k in card.metrics},
+        "package_version": card.package_version,
+    }
