@@ -6,6 +6,7 @@ processes inherit the same ``AWS_*`` environment a user would set.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
 def free_port() -> int:
@@ -94,3 +96,34 @@ def real_nucleus_tif() -> bytes:
     if not path.exists():
         pytest.skip(f"{path} not present")
     return path.read_bytes()
+
+
+def smoke_config(tmp_path_factory, name: str, *extra: str):
+    """configs/smoke.yaml with data and runs under this session's temp folder."""
+    from protein_ray.config import load_config
+
+    base = tmp_path_factory.getbasetemp()
+    return load_config(
+        ROOT / "configs" / "smoke.yaml",
+        [f"data.synthetic_dir={base / 'smoke-data'}", f"run.storage_path={base / 'runs'}", f"run.name={name}", *extra],
+    )
+
+
+def history(config) -> list[dict]:
+    path = Path(config.run.storage_path) / config.run.name / "history.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def smoke_run(ray_session, tmp_path_factory):
+    """One real smoke training run per session: (config, best checkpoint URI).
+    Training, batch scoring and Serve tests share its checkpoint."""
+    from protein_ray.train import run_training
+
+    config = smoke_config(tmp_path_factory, "smoke")
+    return config, run_training(config)
+
+
+@pytest.fixture(scope="session")
+def smoke_checkpoint(smoke_run) -> str:
+    return smoke_run[1]

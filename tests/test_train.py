@@ -11,6 +11,7 @@ import torch
 
 from protein_ray.config import ConfigError, TrainingConfig, load_config
 from protein_ray.labels import CLASS_NAMES
+from conftest import history, smoke_config
 from protein_ray.model import ModelCard, create_model, load_checkpoint, read_model_card, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,28 +94,6 @@ def test_not_a_checkpoint_says_how_to_get_one(tmp_path):
 
 
 # -------------------------------------------------------- real training runs --
-
-
-def smoke_config(tmp_path_factory, name: str, *extra: str) -> TrainingConfig:
-    data_dir = tmp_path_factory.getbasetemp() / "smoke-data"  # shared: generated once per session
-    return load_config(
-        ROOT / "configs" / "smoke.yaml",
-        [f"data.synthetic_dir={data_dir}", f"run.storage_path={tmp_path_factory.getbasetemp() / 'runs'}",
-         f"run.name={name}", *extra],
-    )
-
-
-def history(config: TrainingConfig) -> list[dict]:
-    path = Path(config.run.storage_path) / config.run.name / "history.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def smoke_run(ray_session, tmp_path_factory):
-    from protein_ray.train import run_training
-
-    config = smoke_config(tmp_path_factory, "smoke")
-    return config, run_training(config)
 
 
 @pytest.mark.slow
