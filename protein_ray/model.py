@@ -3,7 +3,7 @@
 A checkpoint is a directory holding ``model.safetensors`` (weights only, never a
 pickle) and ``config.json`` (everything needed to rebuild and use the model:
 backbone, image size, normalisation, classes, thresholds, metrics). Training
-also leaves ``training_state.pt`` (optimizer, scheduler, epoch) for resuming; it
+also leaves ``training_state.pt`` (optimizer state, epoch) for resuming; it
 is loaded with ``weights_only=True`` and is never needed for inference.
 """
 

@@ -15,6 +15,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -161,27 +162,33 @@ def gather_sum(values: list[float]) -> list[float]:
     return [float(sum(column)) for column in zip(*gathered)]
 
 
-def restore_state(model, optimizer, scheduler) -> int:
+def restore_state(model, optimizer, scheduler, steps_per_epoch: int) -> int:
     """Resume from Ray Train's latest checkpoint (worker restart or a rerun of the
     same run name); returns the first epoch still to train."""
     import ray.train
+    from safetensors.torch import load_file
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return 0
     with checkpoint.as_directory() as directory:
         state = load_training_state(directory)
-        from safetensors.torch import load_file
-
         unwrap(model).load_state_dict(load_file(os.path.join(directory, "model.safetensors")))
     if state is None:
         return 0
     optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    return int(state["epoch"]) + 1
+    start_epoch = int(state["epoch"]) + 1
+    # The schedule is a function of the step. A rerun may ask for more epochs than
+    # the saved schedule spans, so rebuild it for this run and advance it instead
+    # of loading the old one.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "step() before optimizer.step()": intended here
+        for _ in range(start_epoch * steps_per_epoch):
+            scheduler.step()
+    return start_epoch
 
 
-def report_epoch(epoch, model, optimizer, scheduler, config: dict, train_stats: dict, metrics: dict | None) -> None:
+def report_epoch(epoch: int, model, optimizer, config: dict, metrics: dict | None) -> None:
     """Every worker reports (it is a barrier); rank 0 attaches the checkpoint."""
     import ray.train
 
@@ -197,7 +204,7 @@ def report_epoch(epoch, model, optimizer, scheduler, config: dict, train_stats: 
         epoch=epoch,
         run_name=config["run"]["name"],
     )
-    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch}
+    state = {"optimizer": optimizer.state_dict(), "epoch": epoch}
     with tempfile.TemporaryDirectory() as directory:
         save_checkpoint(directory, model, card, training_state=state)
         checkpoint = ray.train.Checkpoint.from_directory(directory)
@@ -237,7 +244,7 @@ def train_loop_per_worker(config: dict) -> None:
     model = ray.train.torch.prepare_model(model)
     steps_per_epoch = math.ceil(config["train_count"] / world / optim["batch_size"])
     optimizer, scheduler = build_optimizer(model, optim, steps_per_epoch)
-    start_epoch = restore_state(model, optimizer, scheduler)
+    start_epoch = restore_state(model, optimizer, scheduler, steps_per_epoch)
     if start_epoch and rank == 0:
         print(f"resuming from the checkpoint of epoch {start_epoch}: continuing at epoch {start_epoch + 1}")
     autocast, scaler = autocast_context(device, optim["amp"])
@@ -264,7 +271,7 @@ def train_loop_per_worker(config: dict) -> None:
             }
             print(epoch_line(epoch, optim["epochs"], metrics), flush=True)
             append_history(config["run_uri"], metrics)
-        report_epoch(epoch, model, optimizer, scheduler, config, stats, metrics)
+        report_epoch(epoch, model, optimizer, config, metrics)
 
 
 # ------------------------------------------------------------- driver side --
