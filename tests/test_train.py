@@ -121,9 +121,20 @@ def test_rerun_with_same_name_resumes_at_the_next_epoch(smoke_run, tmp_path_fact
 
 
 def train_worker_pids() -> list[int]:
+    """Training worker processes of this session's Ray (the raylet this process
+    started is their parent), never another Ray instance's on the same machine."""
+    import os
+
     import psutil
 
-    return [p.pid for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    pids = []
+    for process in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(process.cmdline()):
+                pids.append(process.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return pids
 
 
 @pytest.mark.slow
