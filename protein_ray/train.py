@@ -23,10 +23,22 @@ import torch
 
 from protein_ray import storage
 from protein_ray.config import TrainingConfig
-from protein_ray.imaging import HPA_MEAN, HPA_STD, ImageDecodeError, decode_image, preprocess_batch
-from protein_ray.labels import CLASS_NAMES, multi_hot_matrix
+from protein_ray.imaging import (
+    HPA_MEAN,
+    HPA_STD,
+    ImageDecodeError,
+    decode_image,
+    preprocess_batch,
+)
+from protein_ray.labels import multi_hot_matrix
 from protein_ray.metrics import evaluate
-from protein_ray.model import ModelCard, create_model, load_training_state, save_checkpoint, unwrap
+from protein_ray.model import (
+    ModelCard,
+    create_model,
+    load_training_state,
+    save_checkpoint,
+    unwrap,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -231,7 +243,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    data, optim, run = config["data"], config["optim"], config["run"]
+    optim, run = config["optim"], config["run"]
     torch.manual_seed(optim["seed"])
     torch.set_num_threads(max(1, run["cpus_per_worker"]))
     context = ray.train.get_context()
@@ -297,8 +309,15 @@ def labelled_rows(uri: str):
     """(Ray Dataset of shard rows, DataFrame of image_id + labels) for a shard root or Kaggle root."""
     import pyarrow.parquet as pq
 
-    from protein_ray.data import (DataSourceError, index_to_dataset, is_kaggle_root, is_shard_root,
-                                  kaggle_index, list_shard_files, read_shards)
+    from protein_ray.data import (
+        DataSourceError,
+        index_to_dataset,
+        is_kaggle_root,
+        is_shard_root,
+        kaggle_index,
+        list_shard_files,
+        read_shards,
+    )
 
     if not storage.exists(uri):
         raise TrainingDataError(f"data.path {uri} does not exist")
@@ -408,9 +427,9 @@ def best_checkpoint_uri(result) -> str:
 
 def run_training(config: TrainingConfig) -> str:
     """Train as configured; return the URI of the best checkpoint (by macro F1)."""
-    from protein_ray.plots import write_training_plots
-
     import ray.data
+
+    from protein_ray.plots import write_training_plots
 
     # Epoch lines are our progress output; Ray Data's per-dataset bars would bury them.
     ray.data.DataContext.get_current().enable_progress_bars = False

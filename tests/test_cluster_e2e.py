@@ -18,7 +18,6 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-
 from conftest import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,18 +1,22 @@
 """Training: configuration, checkpoints, and real Ray Train runs (2 CPU workers, gloo)."""
 
-import json
 import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from conftest import history, smoke_config
 
 from protein_ray.config import ConfigError, TrainingConfig, load_config
 from protein_ray.labels import CLASS_NAMES
-from conftest import history, smoke_config
-from protein_ray.model import ModelCard, create_model, load_checkpoint, read_model_card, save_checkpoint
+from protein_ray.model import (
+    ModelCard,
+    create_model,
+    load_checkpoint,
+    read_model_card,
+    save_checkpoint,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
