@@ -137,7 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = [add_synth_command, add_shard_command, add_train_command]
+def add_predict_command(commands) -> None:
+    from protein_ray.batch import add_predict_command as add  # defined beside the job it runs
+
+    add(commands)
+
+
+COMMANDS = [add_synth_command, add_shard_command, add_train_command, add_predict_command]
 
 
 def main(argv: list[str] | None = None) -> int:
