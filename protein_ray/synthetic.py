@@ -31,7 +31,10 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import tifffile
+from PIL import Image
 from scipy import ndimage
+from tqdm.auto import tqdm
 
 from protein_ray.labels import NUM_CLASSES, format_label_string, parse_label_string, validate_ids
 
@@ -40,6 +43,7 @@ logger = logging.getLogger(__name__)
 # Bump when the pictures change, so that "reuse an existing dataset" regenerates.
 GENERATOR_VERSION = 1
 MANIFEST = "synthetic.json"
+STAINS = ("red", "green", "blue")  # HPA's per-channel file suffixes
 INCOMPLETE_MARKER = "_INCOMPLETE"
 # Streams of the seed: each split/purpose draws from its own SeedSequence branch.
 TRAIN, TEST, PLATE, TRAIN_LABELS, TEST_LABELS, PLATE_LABELS = range(6)
@@ -130,20 +134,15 @@ def _ellipse_distance(dy, dx, radius, elongation, tilt, rng, wobble):
     return np.hypot(u, v) / (radius * _wobbly_radius(np.arctan2(v, u), rng, wobble))
 
 
-def _crop(size: int, centre, reach: float) -> tuple[slice, slice]:
-    """The square window around ``centre`` that holds everything within ``reach``."""
-    lo = np.clip(np.floor(np.asarray(centre) - reach), 0, size).astype(int)
-    hi = np.clip(np.ceil(np.asarray(centre) + reach) + 1, 0, size).astype(int)
-    return slice(lo[0], hi[0]), slice(lo[1], hi[1])
-
-
 def _shape_distance(size, centre, radius, wobble, rng, max_elongation):
-    """Normalised distance to an irregular ellipse, computed only inside its window."""
+    """Normalised distance to an irregular ellipse, computed only in the window that can hold it."""
     elongation, tilt = rng.uniform(1, max_elongation), rng.uniform(0, np.pi)
-    window = _crop(size, centre, radius * max_elongation * (1 + wobble))
+    reach = radius * max_elongation * (1 + wobble)
+    lo = np.clip(np.floor(centre - reach), 0, size).astype(int)
+    hi = np.clip(np.ceil(centre + reach) + 1, 0, size).astype(int)
+    window = slice(lo[0], hi[0]), slice(lo[1], hi[1])
     yy, xx = np.ogrid[window[0], window[1]]
-    distance = _ellipse_distance(yy - centre[0], xx - centre[1], radius, elongation, tilt, rng, wobble)
-    return window, distance
+    return window, _ellipse_distance(yy - centre[0], xx - centre[1], radius, elongation, tilt, rng, wobble)
 
 
 def _build_field(size: int, rng: np.random.Generator) -> Field:
@@ -186,7 +185,7 @@ def _nucleoli(nucleus, nuc_centres, nuc_radii, scale, rng):
         points.append(centre + np.stack([np.sin(angle), np.cos(angle)], 1) * reach[:, None])
     centres = np.concatenate(points) if points else np.zeros((0, 2))
     # Thresholding Gaussians of random height gives blobs of varied size that merge when close.
-    blobs = _spots(nucleus.shape, centres, rng.uniform(0.7, 1.4, len(centres)), 7 * scale)
+    blobs = _spots(nucleus.shape, centres, rng.uniform(0.7, 1.4, len(centres)), 8 * scale)
     soft = np.clip((blobs - 0.4) / 0.3, 0, 1) * nucleus
     return soft.astype(np.float32), centres
 
@@ -215,10 +214,6 @@ def _random_points_in(mask: np.ndarray, count: int, rng: np.random.Generator) ->
     return np.stack(np.unravel_index(picks, mask.shape), 1) + rng.uniform(-0.5, 0.5, (count, 2))
 
 
-def _count_per_nucleus(field: Field, low: int, high: int, rng) -> int:
-    return int(rng.integers(low, high + 1, field.n_cells).sum())
-
-
 def _jitter_cluster(points, copies: int, spread: float, rng) -> np.ndarray:
     """Each point becomes a small irregular clump of ``copies`` points."""
     repeated = np.repeat(points, copies, axis=0)
@@ -238,9 +233,10 @@ def _mitochondria(field: Field, rng) -> np.ndarray:
 
 
 def _nuclear_bodies(field: Field, rng) -> np.ndarray:
-    count = _count_per_nucleus(field, 1, 5, rng)
-    points = _random_points_in(field.nucleus & (field.nucleoli < 0.1) & (field.edge_distance > 3 * field.scale), count, rng)
-    return _spots(field.nucleus.shape, points, rng.uniform(0.8, 1.0, len(points)), 4.0 * field.scale)
+    # A few (1-4) large, round, very bright dots per nucleus.
+    count = int(rng.integers(1, 5, field.n_cells).sum())
+    points = _random_points_in(field.nucleus & (field.nucleoli < 0.1) & (field.edge_distance > 5 * field.scale), count, rng)
+    return _spots(field.nucleus.shape, points, rng.uniform(1.4, 1.8, len(points)), 5.0 * field.scale)
 
 
 def _nucleoli_signal(field: Field, rng) -> np.ndarray:
@@ -252,13 +248,13 @@ def _golgi(field: Field, rng) -> np.ndarray:
     # A crescent of stacks hugging the nucleus on the centrosome side.
     points = []
     for k in range(field.n_cells):
-        count = int(rng.integers(8, 16))
-        angle = field.mtoc_angle[k] + rng.normal(0, 0.45, count)
-        reach = field.nucleus_radii[k] + rng.uniform(2, 16, count) * field.scale
+        count = int(rng.integers(10, 18))
+        angle = field.mtoc_angle[k] + rng.normal(0, 0.5, count)
+        reach = field.nucleus_radii[k] + rng.uniform(2, 18, count) * field.scale
         points.append(field.nucleus_centres[k] + np.stack([np.sin(angle), np.cos(angle)], 1) * reach[:, None])
     points = np.concatenate(points)
-    signal = _spots(field.nucleus.shape, points, rng.uniform(0.4, 0.8, len(points)), 3.5 * field.scale)
-    return np.minimum(signal, 1.2) * (field.owner >= 0)
+    signal = _spots(field.nucleus.shape, points, rng.uniform(0.6, 1.0, len(points)), 3.5 * field.scale)
+    return np.minimum(signal, 1.5) * (field.owner >= 0)
 
 
 def _nucleoplasm(field: Field, rng) -> np.ndarray:
@@ -268,8 +264,8 @@ def _nucleoplasm(field: Field, rng) -> np.ndarray:
 
 def _fibrillar_centers(field: Field, rng) -> np.ndarray:
     # Tiny bright dots inside each nucleolus (not filling it, unlike class 2).
-    points = _jitter_cluster(field.nucleolus_centres, int(rng.integers(1, 4)), 3 * field.scale, rng)
-    return _spots(field.nucleus.shape, points, rng.uniform(0.8, 1.0, len(points)), 2.3 * field.scale)
+    points = _jitter_cluster(field.nucleolus_centres, int(rng.integers(2, 4)), 3.5 * field.scale, rng)
+    return _spots(field.nucleus.shape, points, rng.uniform(1.3, 1.7, len(points)), 3.0 * field.scale)
 
 
 def _cytosol(field: Field, rng) -> np.ndarray:
@@ -286,18 +282,18 @@ def _plasma_membrane(field: Field, rng) -> np.ndarray:
 def _centrosome(field: Field, rng) -> np.ndarray:
     pairs = rng.random(field.n_cells) < 0.5
     offsets = rng.normal(0, 1, (field.n_cells, 2))
-    offsets *= (5 * field.scale / (np.linalg.norm(offsets, axis=1, keepdims=True) + 1e-6))
+    offsets *= (7 * field.scale / (np.linalg.norm(offsets, axis=1, keepdims=True) + 1e-6))
     points = np.concatenate([field.mtoc, (field.mtoc + offsets)[pairs]])
-    return _spots(field.nucleus.shape, points, rng.uniform(0.9, 1.1, len(points)), 3.2 * field.scale)
+    return _spots(field.nucleus.shape, points, rng.uniform(1.6, 2.0, len(points)), 4.5 * field.scale)
 
 
 def _nuclear_speckles(field: Field, rng) -> np.ndarray:
     # Many irregular clumps (vs. the few round dots of nuclear bodies), over a faint fill.
-    count = _count_per_nucleus(field, 10, 18, rng)
+    count = int(rng.integers(10, 17, field.n_cells).sum())
     seeds = _random_points_in(field.nucleus & (field.nucleoli < 0.1), count, rng)
-    points = _jitter_cluster(seeds, 3, 2.5 * field.scale, rng)
-    spots = _spots(field.nucleus.shape, points, rng.uniform(0.25, 0.45, len(points)), 3.0 * field.scale)
-    return (np.minimum(spots, 0.9) + 0.08) * field.nucleus * (1 - field.nucleoli)
+    points = _jitter_cluster(seeds, 3, 3.5 * field.scale, rng)
+    spots = _spots(field.nucleus.shape, points, rng.uniform(0.45, 0.7, len(points)), 3.5 * field.scale)
+    return (np.minimum(spots, 1.2) + 0.08) * field.nucleus * (1 - field.nucleoli)
 
 
 PAINTERS: dict[int, Callable[[Field, np.random.Generator], np.ndarray]] = {
@@ -354,7 +350,7 @@ def _green(field: Field, labels: Sequence[int], rng) -> np.ndarray:
 
 def _camera(image: np.ndarray, scale: float, rng) -> np.ndarray:
     """Optics and sensor: blur, offset, shot noise and read noise."""
-    blur = rng.uniform(0.5, 1.3) * scale * 2
+    blur = rng.uniform(0.4, 1.0) * scale * 2
     if blur > 0.3:
         image = ndimage.gaussian_filter(image, (blur, blur, 0))
     image = image + rng.uniform(0.003, 0.02, 3)
@@ -387,29 +383,18 @@ class _Job:
     fmt: str  # "png" | "tif16" | "png-separate" | "tif16-separate"
 
 
-STAINS = ("red", "green", "blue")
-
-
 def _save(image: np.ndarray, stem: str, fmt: str) -> None:
-    from PIL import Image  # imported here: workers only
-    import tifffile
-
-    if fmt.startswith("tif16"):
-        pixels = np.rint(image * 65535).astype(np.uint16)
-    else:
-        pixels = np.rint(image * 255).astype(np.uint8)
-    if fmt == "png":
-        Image.fromarray(pixels, "RGB").save(f"{stem}.png", compress_level=3)
-    elif fmt == "tif16":
-        tifffile.imwrite(f"{stem}.tif", pixels, photometric="rgb")
-    elif fmt == "png-separate":
-        for channel, stain in enumerate(STAINS):
-            Image.fromarray(np.ascontiguousarray(pixels[..., channel]), "L").save(f"{stem}_{stain}.png", compress_level=3)
-    elif fmt == "tif16-separate":
-        for channel, stain in enumerate(STAINS):
-            tifffile.imwrite(f"{stem}_{stain}.tif", np.ascontiguousarray(pixels[..., channel]), photometric="minisblack")
-    else:
-        raise ValueError(f"unknown image format {fmt!r}")
+    """8-bit PNG or 16-bit TIFF; merged RGB, or one grayscale file per stain (``-separate``)."""
+    sixteen = fmt.startswith("tif16")
+    pixels = np.rint(image * (65535 if sixteen else 255)).astype(np.uint16 if sixteen else np.uint8)
+    planes = {"": pixels}
+    if fmt.endswith("-separate"):
+        planes = {f"_{stain}": np.ascontiguousarray(pixels[..., c]) for c, stain in enumerate(STAINS)}
+    for suffix, plane in planes.items():
+        if sixteen:
+            tifffile.imwrite(f"{stem}{suffix}.tif", plane, photometric="rgb" if plane.ndim == 3 else "minisblack")
+        else:
+            Image.fromarray(plane).save(f"{stem}{suffix}.png", compress_level=3)  # level 3: fast, nearly as small
 
 
 def _render_jobs(jobs: Sequence[_Job]) -> int:
@@ -421,8 +406,6 @@ def _render_jobs(jobs: Sequence[_Job]) -> int:
 
 def _run_jobs(jobs: Sequence[_Job], workers: int | None, progress: bool, what: str) -> None:
     """Render all jobs, in chunks over a process pool (or in this process for one worker)."""
-    from tqdm.auto import tqdm
-
     workers = max(1, workers or os.cpu_count() or 1)
     # Chunks amortise pickling/IPC, yet stay small enough to balance the load and update the bar.
     chunk = max(1, min(64, math.ceil(len(jobs) / (workers * 8))))
@@ -438,26 +421,15 @@ def _run_jobs(jobs: Sequence[_Job], workers: int | None, progress: bool, what: s
 
 
 # ----------------------------------------------------------------------------- dataset folders
-def _read_manifest(out: Path) -> dict | None:
-    try:
-        return json.loads((out / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _existing_dataset(out: Path, args: dict) -> dict | None:
     """The stored summary when ``out`` already holds this exact dataset; raise if it is foreign."""
-    if not out.exists():
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return None
-    if not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory")
-    if not any(out.iterdir()):
-        return None
-    manifest = _read_manifest(out)
-    if manifest is None:
-        raise FileExistsError(
-            f"{out} is not empty and is not a synthetic dataset (no {MANIFEST}); "
-            "choose another folder or empty it first")
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        raise FileExistsError(f"{out} exists, is not empty and is not a synthetic dataset (no readable "
+                              f"{MANIFEST}); choose another folder or empty it first") from None
     if manifest.get("args") == args:
         return manifest.get("summary", {})
     logger.warning("replacing the synthetic dataset in %s (made with %s)", out, manifest.get("args"))
@@ -491,10 +463,6 @@ def _write_csv(path: Path, header: Sequence[str], rows) -> None:
         writer.writerows(rows)
 
 
-def _label_rng(seed: int, stream: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([seed, stream]))
-
-
 def _generate(out: Path, args: dict, workers, progress, build: Callable[[Path], tuple[list[_Job], dict]]) -> dict:
     """Shared frame of both layouts: reuse, stage, render, write the manifest, time it."""
     summary = _existing_dataset(out, args)
@@ -524,7 +492,7 @@ def write_kaggle_dataset(out: str | Path, n_train: int = 2000, n_test: int = 500
     """Write the Kaggle layout (train/, test/, train.csv, submission.csv, test_labels.csv)."""
     if n_train < 0 or n_test < 0 or size < 16:
         raise ValueError("n_train and n_test must be >= 0 and size >= 16")
-    out = Path(out)
+    out = Path(out).absolute()
     args = dict(kind="kaggle", n_train=n_train, n_test=n_test, size=size, seed=seed, version=GENERATOR_VERSION)
 
     def build(tmp: Path) -> tuple[list[_Job], dict]:
@@ -532,7 +500,7 @@ def write_kaggle_dataset(out: str | Path, n_train: int = 2000, n_test: int = 500
         for split, prefix, n, stream, label_stream in (
                 ("train", "syn", n_train, TRAIN, TRAIN_LABELS), ("test", "syntest", n_test, TEST, TEST_LABELS)):
             (tmp / split).mkdir()
-            label_sets = sample_label_sets(n, _label_rng(seed, label_stream))
+            label_sets = sample_label_sets(n, np.random.default_rng([seed, label_stream]))
             ids = [f"{prefix}{i:06d}" for i in range(n)]
             rows = [(image_id, format_label_string(labels)) for image_id, labels in zip(ids, label_sets)]
             _write_csv(tmp / ("train.csv" if split == "train" else "test_labels.csv"), ("Image", "Label"), rows)
@@ -540,10 +508,8 @@ def write_kaggle_dataset(out: str | Path, n_train: int = 2000, n_test: int = 500
                 _write_csv(tmp / "submission.csv", ("Image", "Label"), [(image_id, "") for image_id in ids])
             jobs += [_Job((seed, stream, i), tuple(labels), size, str(tmp / split / image_id), "png")
                      for i, (image_id, labels) in enumerate(zip(ids, label_sets))]
-        summary = dict(kind="kaggle", n_train=n_train, n_test=n_test, size=size, seed=seed,
-                       train_csv="train.csv", submission_csv="submission.csv", test_labels_csv="test_labels.csv",
-                       train_dir="train", test_dir="test")
-        return jobs, summary
+        return jobs, dict(args, train_csv="train.csv", submission_csv="submission.csv",
+                          test_labels_csv="test_labels.csv", train_dir="train", test_dir="test")
 
     return _generate(out, args, workers, progress, build)
 
@@ -572,13 +538,13 @@ def write_plate_dataset(out: str | Path, plates: int = 1, wells: int = 96, field
     if plates < 1 or fields < 1 or size < 16:
         raise ValueError("plates and fields must be >= 1 and size >= 16")
     names = well_names(wells)
-    out = Path(out)
+    out = Path(out).absolute()
     fmt = ("png" if bit_depth == 8 else "tif16") + ("-separate" if channels == "separate" else "")
     args = dict(kind="plate", plates=plates, wells=wells, fields=fields, channels=channels,
                 bit_depth=bit_depth, size=size, seed=seed, version=GENERATOR_VERSION)
 
     def build(tmp: Path) -> tuple[list[_Job], dict]:
-        well_labels = sample_label_sets(plates * wells, _label_rng(seed, PLATE_LABELS))
+        well_labels = sample_label_sets(plates * wells, np.random.default_rng([seed, PLATE_LABELS]))
         jobs, truth, well_rows = [], [], []
         for p in range(plates):
             plate = f"P{p + 1:03d}"
@@ -592,10 +558,8 @@ def write_plate_dataset(out: str | Path, plates: int = 1, wells: int = 96, field
                     jobs.append(_Job((seed, PLATE, p, w, f), tuple(labels), size, str(tmp / plate / image_id), fmt))
         _write_csv(tmp / "ground_truth.csv", ("plate", "well", "field", "image_id", "labels"), truth)
         _write_csv(tmp / "wells.csv", ("plate", "well", "labels"), well_rows)
-        summary = dict(kind="plate", plates=plates, wells=wells, fields=fields, channels=channels,
-                       bit_depth=bit_depth, size=size, seed=seed, ground_truth_csv="ground_truth.csv",
-                       wells_csv="wells.csv", plate_names=[f"P{p + 1:03d}" for p in range(plates)],
-                       files=len(jobs) * (3 if channels == "separate" else 1))
-        return jobs, summary
+        return jobs, dict(args, ground_truth_csv="ground_truth.csv", wells_csv="wells.csv",
+                          plate_names=[f"P{p + 1:03d}" for p in range(plates)],
+                          files=len(jobs) * (3 if channels == "separate" else 1))
 
     return _generate(out, args, workers, progress, build)

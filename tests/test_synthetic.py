@@ -79,7 +79,7 @@ def test_kaggle_layout(kaggle):
 def test_plate_layout(tmp_path, channels, bit_depth):
     out = tmp_path / "plates"
     summary = synthetic.write_plate_dataset(out, plates=2, wells=96, fields=2, channels=channels,
-                                            bit_depth=bit_depth, size=48, seed=1, workers=1, progress=False)
+                                            bit_depth=bit_depth, size=32, seed=1, workers=1, progress=False)
     truth, wells = read_csv(out / "ground_truth.csv"), read_csv(out / "wells.csv")
     assert list(truth[0]) == ["plate", "well", "field", "image_id", "labels"]
     assert list(wells[0]) == ["plate", "well", "labels"]
@@ -99,7 +99,7 @@ def test_plate_layout(tmp_path, channels, bit_depth):
     first = out / "P001" / f"P001_A01_f1{suffixes[0]}"
     pixels = np.asarray(Image.open(first)) if ext == "png" else tifffile.imread(first)
     assert pixels.dtype == (np.uint8 if bit_depth == 8 else np.uint16)
-    assert pixels.shape == ((48, 48, 3) if channels == "merged" else (48, 48))
+    assert pixels.shape == ((32, 32, 3) if channels == "merged" else (32, 32))
     if bit_depth == 16:
         assert pixels.max() > 255  # the 16-bit range is used, not 8-bit values in a 16-bit file
 
