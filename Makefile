@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-cluster test-fast bench clean
 
 setup: $(STAMP)
 
@@ -21,13 +21,19 @@ demo: $(STAMP)
 	$(BIN)/python -m protein_ray.demo --out $(DEMO_DIR)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not cluster"
+
+# The cluster end-to-end test (ray start --head, ray job submit, serve deploy, S3).
+test-cluster: $(STAMP)
+	$(BIN)/python -m pytest -m cluster
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/shard_throughput.py
+	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/predict_throughput.py
+	$(BIN)/python benchmarks/serve_load.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -23,7 +23,7 @@ from conftest import free_port, wait_for_port
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
-pytestmark = [pytest.mark.slow, pytest.mark.s3]
+pytestmark = [pytest.mark.slow, pytest.mark.s3, pytest.mark.cluster]
 
 
 def cli_env(address: str) -> dict:
