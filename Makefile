@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup demo test test-cluster test-fast bench clean
+.PHONY: setup demo test test-slow test-cluster bench clean
 
 setup: $(STAMP)
 
@@ -20,15 +20,17 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m protein_ray.demo --out $(DEMO_DIR)
 
+# Slow tests (real training runs, trained-model checks) are not yet verified on a
+# quiet machine and run separately until they are: see README "Tests".
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not cluster"
+	$(BIN)/python -m pytest -m "not slow and not cluster"
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m "slow and not cluster"
 
 # The cluster end-to-end test (ray start --head, ray job submit, serve deploy, S3).
 test-cluster: $(STAMP)
 	$(BIN)/python -m pytest -m cluster
-
-test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py
