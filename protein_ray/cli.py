@@ -121,7 +121,7 @@ def add_train_command(commands) -> None:
 
 def add_address_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=None,
-                        help="Ray cluster address (default: join a running one, else start a local one)")
+                        help="Ray cluster address to join (default: $RAY_ADDRESS, else a new local instance)")
 
 
 def build_parser() -> argparse.ArgumentParser:

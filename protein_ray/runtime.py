@@ -9,8 +9,10 @@ logger = logging.getLogger(__name__)
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join the cluster at ``address`` (or ``RAY_ADDRESS``, or a running local one);
-    otherwise start a local instance. Idempotent: a running driver is reused."""
+    """Join the cluster at ``address`` or ``RAY_ADDRESS`` (``ray job submit`` sets
+    it for the job's driver); otherwise start a private local instance. Joining a
+    cluster only when asked keeps a laptop run from attaching to some other
+    process's Ray. Idempotent: a driver already connected is reused."""
     import ray
 
     if ray.is_initialized():
@@ -19,9 +21,5 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    try:
-        ray.init(address="auto", log_to_driver=True)
-        logger.info("joined the running local Ray cluster")
-    except (ConnectionError, RuntimeError, ValueError):
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
-        logger.info("started a local Ray instance with %s CPUs", ray.cluster_resources().get("CPU"))
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    logger.info("started a local Ray instance with %s CPUs", ray.cluster_resources().get("CPU"))
