@@ -9,11 +9,14 @@ On the same images and model, with the same torch threads for the model:
   (c) ``protein_ray.batch.score``: Ray Data end to end, from listing the folder to
       predictions.parquet/csv, wells, heatmaps and summary.json
 
-It prints images/s of each, c/a and c/b, where the time of (c) went (start-up of
-the model actor and decode workers until the first part file; the steady rate from
-the first part file to the last; the final outputs), and peak memory: the sampled resident memory of the whole process tree
-during each phase (Ray's workers are descendants of this process) and
-``ru_maxrss`` of the process and of its largest child.
+It runs (a), (b), (c) in rounds and prints the best images/s of each (on a shared
+machine other work changes every rate from minute to minute), c/a and c/b, where
+the time of (c) went (start-up of the model actor and decode workers until the
+first part file; the rate from the first part file to the last; the final
+outputs), and peak memory: the sampled resident memory of the whole process tree
+in each phase (Ray's processes are descendants of this one; Ray starts just before
+the first (c), so (a) and (b) of round 1 are measured without it) and
+``ru_maxrss`` of this process and of its largest child.
 
     python benchmarks/predict_throughput.py                     # resnet18 @ 256 px, 384 images of 512 px
     python benchmarks/predict_throughput.py --images 96 --backbone test_resnet --image-size 64 --size 128
@@ -29,7 +32,9 @@ import logging
 import math
 import os
 import resource
-import threading
+import select
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -48,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--decode-workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                         help="DataLoader workers in (b) and decode tasks in (c)")
     parser.add_argument("--chunk-size", type=int, default=64, help="(c): images per part file")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of (a), (b), (c); the best of each counts")
+    parser.add_argument("--sample-rss-of", type=int, default=None, help=argparse.SUPPRESS)  # PeakMemory's sampler
     return parser.parse_args(argv)
 
 
@@ -75,25 +82,29 @@ def tree_rss_bytes(root: int) -> int:
     return sum(rss.get(pid, 0) for pid in members)
 
 
-class PeakMemory:
-    """Samples the process tree's resident memory in a thread while a phase runs."""
+def sample_tree_rss(root: int, every_s: float = 0.25) -> None:
+    """Sampler process: print the peak tree RSS of ``root`` (less its own) once stdin closes."""
+    peak = 0
+    while not select.select([sys.stdin], [], [], every_s)[0]:
+        peak = max(peak, tree_rss_bytes(root) - tree_rss_bytes(os.getpid()))
+    print(peak)
 
-    def __init__(self, every_s: float = 0.25):
-        self.every_s, self.peak, self._stop = every_s, 0, threading.Event()
+
+class PeakMemory:
+    """Peak resident memory of this process tree while a phase runs, sampled by a
+    small separate process: a thread here would take the GIL from the model's Python
+    code in (a) and (b) but not in (c), whose model runs in a Ray actor; a forked
+    child would make this process copy its pages on write."""
+
+    peak = 0
 
     def __enter__(self):
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
+        self._sampler = subprocess.Popen([sys.executable, __file__, "--sample-rss-of", str(os.getpid())],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         return self
 
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, tree_rss_bytes(os.getpid()))
-            self._stop.wait(self.every_s)
-
     def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+        self.peak = int(self._sampler.communicate("")[0] or 0)  # closing stdin ends the sampler
 
 
 def gib(n_bytes: float) -> str:
@@ -192,8 +203,47 @@ def our_pipeline(files, checkpoint, args) -> tuple[float, dict]:
     return summary["images"] / (finished - started), phases
 
 
+def ray_is_running() -> bool:
+    import ray
+
+    return ray.is_initialized()
+
+
+def start_ray(args) -> float:
+    import ray
+
+    started = time.perf_counter()
+    # Ray runs its workers at nice 15; on a machine shared with other work they would
+    # get less CPU than (a) and (b), which run at nice 0. (No effect on an idle machine.)
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    # Logical CPUs: one for the model actor, the rest for the decode tasks.
+    ray.init(num_cpus=args.decode_workers + 1, include_dashboard=False, log_to_driver=False)
+    return time.perf_counter() - started
+
+
+def one_round(files, checkpoint, args, number: int) -> dict:
+    """(a), (b), (c) once each, back to back; images/s and peak tree RSS of each."""
+    figures = {}
+    for name, phase in (("a", model_alone), ("b", dataloader_loop), ("c", our_pipeline)):
+        if name == "c" and not ray_is_running():
+            print(f"ray.init: {start_ray(args):.1f} s (not counted)")
+        with PeakMemory() as memory:
+            result = phase(files, checkpoint, args)
+        rate, phases = result if name == "c" else (result, None)
+        figures[name], figures[f"{name}_rss"] = rate, memory.peak
+        if phases:
+            figures.update(phases)
+    print(f"round {number}: (a) {figures['a']:6.2f}  (b) {figures['b']:6.2f}  (c) {figures['c']:6.2f} images/s; "
+          f"(c) took {figures['until first part']:.1f} s to its first part, then ran at "
+          f"{figures['steady images/s']:.2f} images/s, then {figures['outputs after last part']:.1f} s "
+          "for the final outputs", flush=True)
+    return figures
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.sample_rss_of:
+        return sample_tree_rss(args.sample_rss_of)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import ray
     import torch
@@ -202,36 +252,19 @@ def main(argv=None) -> None:
     files, checkpoint = prepare(args)
     print(f"predict throughput: {len(files)} images of {args.size} px -> {args.backbone} at {args.image_size} px, "
           f"batch {args.batch_size}, {args.threads} torch threads for the model, {args.decode_workers} decode "
-          f"worker(s), {os.cpu_count()} cores")
-
-    # Other work on a shared machine changes the compute limit while this runs, so (a) is
-    # measured before and after the others and the faster of the two is the limit.
-    with PeakMemory() as memory_a:
-        a_before = model_alone(files, checkpoint, args)
-    print(f"(a) model alone on decoded tensors : {a_before:8.2f} images/s   peak RSS {gib(memory_a.peak)}")
-    with PeakMemory() as memory_b:
-        b = dataloader_loop(files, checkpoint, args)
-    print(f"(b) PyTorch DataLoader loop         : {b:8.2f} images/s   peak RSS {gib(memory_b.peak)}")
-
-    ray_started = time.perf_counter()
-    # Ray runs its workers at nice 15; on a machine shared with other work they would
-    # get less CPU than (a) and (b), which run at nice 0. (No effect on an idle machine.)
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    # Logical CPUs: one for the model actor, the rest for the decode tasks.
-    ray.init(num_cpus=args.decode_workers + 1, include_dashboard=False, log_to_driver=False)
-    ray_seconds = time.perf_counter() - ray_started
-    with PeakMemory() as memory_c:
-        c, phases = our_pipeline(files, checkpoint, args)
-    print(f"(c) protein-ray predict, end to end : {c:8.2f} images/s   peak RSS {gib(memory_c.peak)} (process tree)")
-    print(f"    {phases['until first part']:.1f} s until the first part file, then {phases['steady images/s']:.2f} "
-          f"images/s, then {phases['outputs after last part']:.1f} s for the final outputs; ray.init took "
-          f"{ray_seconds:.1f} s (not counted)")
+          f"worker(s), {os.cpu_count()} cores; {args.rounds} rounds of (a), (b), (c)")
+    # Other work on a shared machine changes every rate from minute to minute; the best
+    # of several rounds is each method's figure least disturbed by it.
+    rounds = [one_round(files, checkpoint, args, n + 1) for n in range(args.rounds)]
+    best = {key: max(r[key] for r in rounds) for key in ("a", "b", "c", "steady images/s", "c_rss")}
+    best |= {key: rounds[0][key] for key in ("a_rss", "b_rss")}  # round 1: before Ray started
     ray.shutdown()  # lets this process reap Ray's processes, so RUSAGE_CHILDREN covers them
-    a_after = model_alone(files, checkpoint, args)
-    a = max(a_before, a_after)
-    print(f"(a) again after (c)                 : {a_after:8.2f} images/s   -> compute limit a = {a:.2f} images/s")
 
-    steady = phases["steady images/s"]
+    a, b, c, steady = best["a"], best["b"], best["c"], best["steady images/s"]
+    print(f"(a) model alone on decoded tensors : {a:8.2f} images/s   peak RSS {gib(best['a_rss'])} (process tree)")
+    print(f"(b) PyTorch DataLoader loop         : {b:8.2f} images/s   peak RSS {gib(best['b_rss'])}")
+    print(f"(c) protein-ray predict, end to end : {c:8.2f} images/s   peak RSS {gib(best['c_rss'])}")
+    print(f"    (c) between its first and last part file: {steady:.2f} images/s")
     print(f"c/a = {c / a:.2f}   c/b = {c / b:.2f}   steady state: c/a = {steady / a:.2f}, c/b = {steady / b:.2f}")
     self_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     child_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss

@@ -105,7 +105,7 @@ def main() -> None:
     total_steps = args.epochs * math.ceil(len(x_train) / args.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=total_steps, pct_start=0.15)
     t0, step, losses = time.perf_counter(), 0, []
-    for _ in range(args.epochs):
+    for epoch in range(1, args.epochs + 1):
         for index in torch.randperm(len(x_train)).split(args.batch_size):
             losses.append(train_step(index))
             scheduler.step()
@@ -113,16 +113,20 @@ def main() -> None:
             if step % 50 == 0:
                 print(f"step {step}/{total_steps} loss {np.mean(losses[-50:]):.3f} "
                       f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        if epoch % 2 == 0 or epoch == args.epochs:  # partial figures survive an interrupted run
+            report(model, prepare, x_val, y_val, f"epoch {epoch} ({time.perf_counter() - t0:.0f} s train time)")
+            model.train()
 
+
+def report(model, prepare, x_val: torch.Tensor, y_val: torch.Tensor, when: str) -> None:
     model.eval()
     with torch.no_grad():
         prob = torch.cat([torch.sigmoid(model(prepare(b))) for b in x_val.split(64)]).numpy()
     y = y_val.numpy()
-    print(f"train time {time.perf_counter() - t0:.0f} s for {step} steps ({args.epochs} epochs)")
-    print(f"val macro F1 @0.5: {macro_f1(y, (prob > 0.5).astype(float)):.3f}")
-    print(f"val macro F1 best per-class threshold: {best_threshold_f1(y, prob):.3f}")
     per_class = [macro_f1(y[:, [c]], (prob[:, [c]] > 0.5).astype(float)) for c in range(NUM_CLASSES)]
-    print("per-class F1 @0.5:", " ".join(f"{c}:{f:.2f}" for c, f in enumerate(per_class)))
+    print(f"{when}: val macro F1 @0.5 {macro_f1(y, (prob > 0.5).astype(float)):.3f}, "
+          f"best per-class threshold {best_threshold_f1(y, prob):.3f}; per class @0.5: "
+          + " ".join(f"{c}:{f:.2f}" for c, f in enumerate(per_class)), flush=True)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import importlib.resources
 import json
 import logging
 import math
+import multiprocessing
 import os
 import shutil
 import time
@@ -233,10 +234,10 @@ def _mitochondria(field: Field, rng) -> np.ndarray:
 
 
 def _nuclear_bodies(field: Field, rng) -> np.ndarray:
-    # A few (1-4) large, round, very bright dots per nucleus.
-    count = int(rng.integers(1, 5, field.n_cells).sum())
+    # A few (2-5) large, round, saturated dots per nucleus.
+    count = int(rng.integers(2, 6, field.n_cells).sum())
     points = _random_points_in(field.nucleus & (field.nucleoli < 0.1) & (field.edge_distance > 5 * field.scale), count, rng)
-    return _spots(field.nucleus.shape, points, rng.uniform(1.4, 1.8, len(points)), 5.0 * field.scale)
+    return _spots(field.nucleus.shape, points, rng.uniform(2.0, 2.5, len(points)), 6.0 * field.scale)
 
 
 def _nucleoli_signal(field: Field, rng) -> np.ndarray:
@@ -259,7 +260,7 @@ def _golgi(field: Field, rng) -> np.ndarray:
 
 def _nucleoplasm(field: Field, rng) -> np.ndarray:
     texture = 1 + 0.12 * _smooth_noise((field.size,) * 2, 2 * field.scale, rng)
-    return field.nucleus * (1 - 0.85 * field.nucleoli) * texture * 0.7
+    return field.nucleus * (1 - 0.85 * field.nucleoli) * texture * 0.55
 
 
 def _fibrillar_centers(field: Field, rng) -> np.ndarray:
@@ -280,20 +281,21 @@ def _plasma_membrane(field: Field, rng) -> np.ndarray:
 
 
 def _centrosome(field: Field, rng) -> np.ndarray:
-    pairs = rng.random(field.n_cells) < 0.5
+    # One or two large, saturated dots right at the centrosome (Golgi is a crescent of many).
+    pairs = rng.random(field.n_cells) < 0.6
     offsets = rng.normal(0, 1, (field.n_cells, 2))
-    offsets *= (7 * field.scale / (np.linalg.norm(offsets, axis=1, keepdims=True) + 1e-6))
+    offsets *= (9 * field.scale / (np.linalg.norm(offsets, axis=1, keepdims=True) + 1e-6))
     points = np.concatenate([field.mtoc, (field.mtoc + offsets)[pairs]])
-    return _spots(field.nucleus.shape, points, rng.uniform(1.6, 2.0, len(points)), 4.5 * field.scale)
+    return _spots(field.nucleus.shape, points, rng.uniform(2.5, 3.0, len(points)), 6.0 * field.scale)
 
 
 def _nuclear_speckles(field: Field, rng) -> np.ndarray:
     # Many irregular clumps (vs. the few round dots of nuclear bodies), over a faint fill.
-    count = int(rng.integers(10, 17, field.n_cells).sum())
+    count = int(rng.integers(6, 12, field.n_cells).sum())
     seeds = _random_points_in(field.nucleus & (field.nucleoli < 0.1), count, rng)
-    points = _jitter_cluster(seeds, 3, 3.5 * field.scale, rng)
-    spots = _spots(field.nucleus.shape, points, rng.uniform(0.45, 0.7, len(points)), 3.5 * field.scale)
-    return (np.minimum(spots, 1.2) + 0.08) * field.nucleus * (1 - field.nucleoli)
+    points = _jitter_cluster(seeds, 4, 4.5 * field.scale, rng)
+    spots = _spots(field.nucleus.shape, points, rng.uniform(0.7, 1.0, len(points)), 3.5 * field.scale)
+    return (np.minimum(spots, 1.6) + 0.04) * field.nucleus * (1 - field.nucleoli)
 
 
 PAINTERS: dict[int, Callable[[Field, np.random.Generator], np.ndarray]] = {
@@ -415,7 +417,10 @@ def _run_jobs(jobs: Sequence[_Job], workers: int | None, progress: bool, what: s
             for part in chunks:
                 bar.update(_render_jobs(part))
             return
-        with ProcessPoolExecutor(max_workers=min(workers, len(chunks))) as pool:
+        # Not plain fork: callers may hold Ray/torch threads, and forking those can deadlock.
+        methods = multiprocessing.get_all_start_methods()
+        context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+        with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=context) as pool:
             for done in as_completed([pool.submit(_render_jobs, part) for part in chunks]):
                 bar.update(done.result())
 

@@ -26,8 +26,6 @@ from protein_ray.plates import PROB_COLUMNS, compare_with_planted, plate_format,
 from protein_ray.predictor import Predictor
 from protein_ray.synthetic import write_kaggle_dataset, write_plate_dataset
 
-pytestmark = pytest.mark.ray
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -115,6 +113,7 @@ def write_mixed_folder(folder: Path) -> list[str]:
     return good
 
 
+@pytest.mark.ray
 def test_every_input_gets_one_row_and_too_many_failures_exit_nonzero(tmp_path, tiny_checkpoint, predict):
     folder, out = tmp_path / "mixed", tmp_path / "out"
     good = write_mixed_folder(folder)
@@ -153,6 +152,7 @@ def test_every_input_gets_one_row_and_too_many_failures_exit_nonzero(tmp_path, t
 # --------------------------------------------------------- per-stain plate ----
 
 
+@pytest.mark.ray
 def test_per_stain_16bit_plate_merges_like_the_predictor_sees_the_merged_image(tmp_path, tiny_checkpoint, predict):
     plate = write_plate_dataset(tmp_path / "plate", wells=96, fields=1, channels="separate", bit_depth=16,
                                 size=32, seed=3, workers=1, progress=False)
@@ -185,6 +185,7 @@ def test_per_stain_16bit_plate_merges_like_the_predictor_sees_the_merged_image(t
 # ---------------------------------------------------- Kaggle, TTA, embeddings --
 
 
+@pytest.mark.ray
 def test_kaggle_test_split_writes_a_full_submission_and_matches_the_predictor_with_tta(
         tmp_path, tiny_checkpoint, predict):
     kaggle = write_kaggle_dataset(tmp_path / "kaggle", n_train=0, n_test=10, size=48, seed=5, workers=1,
@@ -216,6 +217,7 @@ def test_kaggle_test_split_writes_a_full_submission_and_matches_the_predictor_wi
 # -------------------------------------------------------------------- S3 ----
 
 
+@pytest.mark.ray
 @pytest.mark.s3
 def test_shards_and_a_plate_folder_on_s3_scored_into_s3(tmp_path, tiny_checkpoint, predict, s3_bucket):
     from protein_ray.data import write_shards
@@ -256,6 +258,7 @@ def part_files(out: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in (out / "parts").glob("part-*.parquet")} if (out / "parts").exists() else {}
 
 
+@pytest.mark.ray
 def test_a_killed_job_continues_where_it_stopped(tmp_path, tiny_checkpoint, predict, ray_session):
     folder, out = tmp_path / "images", tmp_path / "out"
     folder.mkdir()
@@ -302,6 +305,7 @@ def test_a_killed_job_continues_where_it_stopped(tmp_path, tiny_checkpoint, pred
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_trained_model_per_well_results_follow_the_planted_composition(tmp_path, smoke_checkpoint, ray_session):
     summary = batch.score_demo_plate(smoke_checkpoint, str(tmp_path), wells=96, fields=2, size=128, seed=11,
                                      chunk_size=64)
