@@ -43,3 +43,13 @@ def test_a_broken_config_is_rejected(cluster_config):
     broken = dict(cluster_config, max_workers="many")
     with pytest.raises(jsonschema.ValidationError):
         validate_config(broken)
+
+
+def test_every_node_gets_this_project_and_rays_own_version(cluster_config):
+    import ray
+
+    # The checkout is synced to each node and installed there (so `serve deploy` can import it).
+    (remote, local), = cluster_config["file_mounts"].items()
+    assert (ROOT / local).resolve() == ROOT
+    assert any("pip install" in c and remote in c for c in cluster_config["setup_commands"])
+    assert cluster_config["docker"]["image"].startswith(f"rayproject/ray:{ray.__version__}-")
