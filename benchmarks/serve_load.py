@@ -137,11 +137,11 @@ def deploy(config: dict, timeout_s: float = 600) -> None:
         time.sleep(0.5)
 
 
-def batching(max_batch_size: int, wait_s: float, model_cpus: float) -> dict:
+def batching(max_batch_size: int, wait_s: float, model_cpus: float, model_gpus: float) -> dict:
     return {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
             "max_ongoing_requests": 64,
             # Ray gives an actor as many torch/OpenMP threads as CPUs it asks for.
-            "ray_actor_options": {"num_cpus": model_cpus},
+            "ray_actor_options": {"num_cpus": model_cpus, "num_gpus": model_gpus},
             "user_config": {"max_batch_size": max_batch_size, "batch_wait_timeout_s": wait_s}}
 
 
@@ -165,8 +165,8 @@ def summarize(results: list[dict]) -> dict:
 
 
 def compare_batching(args, checkpoint: str, url: str, image: Path) -> dict:
-    modes = {"batched (max_batch_size 16)": batching(16, args.batch_wait, args.model_cpus),
-             "unbatched (max_batch_size 1)": batching(1, 0.0, args.model_cpus)}
+    modes = {"batched (max_batch_size 16)": batching(16, args.batch_wait, args.model_cpus, args.model_gpus),
+             "unbatched (max_batch_size 1)": batching(1, 0.0, args.model_cpus, args.model_gpus)}
     results: dict[str, list[dict]] = {mode: [] for mode in modes}
     for round_number in range(args.rounds):
         for mode, classifier in modes.items():
@@ -246,6 +246,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=30, help="seconds per round and mode, at most")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--model-cpus", type=float, default=1, help="CPUs (= torch threads) per model replica")
+    parser.add_argument("--model-gpus", type=float, default=0, help="GPUs per model replica (gpu_check.sh: 1)")
     parser.add_argument("--batch-wait", type=float, default=0.01, help="batch_wait_timeout_s when batching")
     parser.add_argument("--autoscale-load-s", type=float, default=45)
     parser.add_argument("--skip-autoscale", action="store_true")

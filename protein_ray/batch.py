@@ -37,7 +37,6 @@ import uuid
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
-
 from typing import TYPE_CHECKING
 
 import numpy as np

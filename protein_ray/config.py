@@ -35,6 +35,9 @@ class DataConfig:
     split_seed: int = 0
     # A run fails if more than this fraction of training images cannot be decoded.
     max_bad_fraction: float = 0.01
+    # Decode once and keep the decoded images in Ray's object store when they fit in
+    # this many GiB (images x 3 x image_size^2 x 4 bytes); 0 decodes every epoch.
+    cache_decoded_gib: float = 4.0
 
 
 @dataclass

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  shards            {shards}")
     print(f"  training run      {out}/train/{config.run.name} (history.jsonl, curves.png, classes.png)")
     print(f"  plate scores      {plate['output']} (predictions.csv, wells.csv, heatmaps/)")
-    print(f"  serve it yourself serve run serve_config.yaml")
+    print("  serve it yourself serve run serve_config.yaml")
     print(f"  best checkpoint   {best}")
 
 

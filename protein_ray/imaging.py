@@ -157,16 +157,30 @@ def preprocess_batch(
     std: Sequence[float] = HPA_STD,
     augment_rng: np.random.Generator | None = None,
 ) -> np.ndarray:
-    """Float (H, W, 3) images on 0..1 -> normalized float32 array (N, 3, size, size).
+    """Float (H, W, 3) images on 0..1 -> normalized float32 array (N, 3, size, size):
+    ``resize_images`` then ``normalize_batch``. Training calls the two steps apart so
+    that it can cache the resized images and augment them afresh every epoch."""
+    return normalize_batch(resize_images(images, size), mean, std, augment_rng)
 
-    With ``augment_rng`` (training only) each image is augmented on the 0..1 scale
-    before normalization, so intensity changes mean what they say.
-    """
+
+def resize_images(images: Sequence[np.ndarray], size: int) -> np.ndarray:
+    """Float (H, W, 3) images on 0..1 -> float32 array (N, 3, size, size) on 0..1."""
     resized = [
         resize_batch(torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None], size)[0]
         for img in images
     ]
-    batch = torch.stack(resized).numpy() if resized else np.empty((0, 3, size, size), np.float32)
+    return torch.stack(resized).numpy() if resized else np.empty((0, 3, size, size), np.float32)
+
+
+def normalize_batch(
+    batch: np.ndarray,
+    mean: Sequence[float] = HPA_MEAN,
+    std: Sequence[float] = HPA_STD,
+    augment_rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """(N, 3, S, S) on 0..1 -> normalized float32. With ``augment_rng`` (training only)
+    each image is augmented first, on the 0..1 scale, so intensity changes mean what
+    they say."""
     if augment_rng is not None:
         batch = augment_batch(batch, augment_rng)
     mean_a = np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)

@@ -116,3 +116,12 @@ def load_training_state(directory: str | Path) -> dict | None:
     if not path.exists():
         return None
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def autocast_context(device: torch.device, enabled: bool):
+    """bf16 where the GPU supports it, else fp16 (with a scaler); nothing on CPU."""
+    if device.type != "cuda" or not enabled:
+        return torch.autocast("cpu", enabled=False), None
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return torch.autocast("cuda", dtype=dtype), scaler

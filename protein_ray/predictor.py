@@ -17,7 +17,7 @@ import torch
 from protein_ray.imaging import ImageDecodeError, decode_image, preprocess_batch
 from protein_ray.labels import CLASS_NAMES
 from protein_ray.metrics import apply_thresholds
-from protein_ray.model import ModelCard, load_checkpoint
+from protein_ray.model import ModelCard, autocast_context, load_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,10 @@ class Predictor:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.checkpoint = checkpoint
         self.model, self.card = load_checkpoint(checkpoint, self.device)
+        # On GPU: bf16/fp16 autocast and channels-last, as in training; nothing changes on CPU.
+        self.autocast, _ = autocast_context(self.device, enabled=True)
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.tta = tta
         self.thresholds = np.asarray(self.card.thresholds, dtype=np.float32)
         logger.info("loaded %s (%s, %d px) on %s", checkpoint, self.card.backbone, self.card.image_size, self.device)
@@ -69,14 +73,16 @@ class Predictor:
         """Preprocessed (N, 3, S, S) -> probabilities (N, 10)."""
         tensor = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
         views = tta_views(tensor) if self.tta else [tensor]
-        probs = torch.stack([torch.sigmoid(self.model(view).float()) for view in views]).mean(dim=0)
-        return probs.cpu().numpy()
+        with self.autocast:
+            logits = [self.model(view).float() for view in views]
+        return torch.stack([torch.sigmoid(view_logits) for view_logits in logits]).mean(dim=0).cpu().numpy()
 
     @torch.inference_mode()
     def embed_batch(self, batch: np.ndarray) -> np.ndarray:
         """Penultimate-layer features (N, D), for downstream profiling."""
         tensor = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
-        features = self.model.forward_head(self.model.forward_features(tensor), pre_logits=True)
+        with self.autocast:
+            features = self.model.forward_head(self.model.forward_features(tensor), pre_logits=True)
         return features.float().cpu().numpy()
 
     def label_ids(self, probs: np.ndarray) -> list[list[int]]:
@@ -108,7 +114,7 @@ def model_summary(card: ModelCard, checkpoint: str, thresholds: np.ndarray) -> d
         "backbone": card.backbone,
         "image_size": card.image_size,
         "classes": list(card.class_names),
-        "thresholds": [float(t) for t in thresholds],
+        "thresholds": [round(float(t), 4) for t in thresholds],  # float32 -> readable JSON
         "never_empty": card.never_empty,
         "epoch": card.epoch,
         "metrics": {k: card.metrics.get(k) for k in ("macro_f1", "micro_f1", "mAP") if k in card.metrics},

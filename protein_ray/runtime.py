@@ -21,5 +21,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
-    logger.info("started a local Ray instance with %s CPUs", ray.cluster_resources().get("CPU"))
+    # The dashboard serves Ray's State API, which Ray Train's placement-group cleaner
+    # polls every second (it logs a warning each time it cannot); users want it too.
+    context = ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+    logger.info("started a local Ray instance with %s CPUs; dashboard at http://%s",
+                ray.cluster_resources().get("CPU"), context.dashboard_url)

@@ -28,12 +28,14 @@ from protein_ray.imaging import (
     HPA_STD,
     ImageDecodeError,
     decode_image,
-    preprocess_batch,
+    normalize_batch,
+    resize_images,
 )
 from protein_ray.labels import multi_hot_matrix
 from protein_ray.metrics import evaluate
 from protein_ray.model import (
     ModelCard,
+    autocast_context,
     create_model,
     load_training_state,
     save_checkpoint,
@@ -52,36 +54,37 @@ class TrainingDataError(ValueError):
 # ------------------------------------------------------------ Ray Data stage --
 
 
-def decode_for_training(batch: dict, image_size: int, augment: bool) -> dict:
-    """Ray Data map function: encoded rows -> model-ready arrays.
+def decode_for_training(batch: dict, image_size: int) -> dict:
+    """Ray Data map function: encoded rows -> resized 0..1 images, targets and the
+    decode outcome. Deterministic, so its output can be cached across epochs;
+    augmentation and normalization come after, in ``augment_and_normalize``.
 
     A corrupt image does not fail the batch: it becomes a zero image with
-    ``ok = False`` so the loss ignores it and the run counts it.
+    ``ok = 0`` (the loss ignores it) and its reason in ``error``.
     """
-    rng = np.random.default_rng() if augment else None
-    images, ok = [], []
+    images, errors = [], []
     for data in batch["image"]:
         try:
             images.append(decode_image(data))
-            ok.append(True)
-        except ImageDecodeError:
+            errors.append("")
+        except ImageDecodeError as error:
             images.append(np.zeros((image_size, image_size, 3), np.float32))
-            ok.append(False)
+            errors.append(str(error))
     return {
-        "image": preprocess_batch(images, image_size, HPA_MEAN, HPA_STD, augment_rng=rng),
+        "image": resize_images(images, image_size),
         "target": multi_hot_matrix([list(labels) for labels in batch["labels"]]),
-        "ok": np.asarray(ok, dtype=np.float32),
+        "ok": np.asarray([not error for error in errors], dtype=np.float32),
+        "image_id": np.asarray(batch["image_id"], dtype=object),
+        "error": np.asarray(errors, dtype=object),
     }
 
 
-def count_undecodable(batch: dict) -> dict:
-    bad = []
-    for image_id, data in zip(batch["image_id"], batch["image"]):
-        try:
-            decode_image(data)
-        except ImageDecodeError as error:
-            bad.append(f"{image_id}: {error}")
-    return {"bad": np.asarray(bad, dtype=object)} if bad else {"bad": np.empty(0, dtype=object)}
+def augment_and_normalize(batch: dict, augment: bool) -> dict:
+    """Ray Data map function, every epoch: fresh random augmentation (training
+    split only), then normalization. Passes on only what the workers consume."""
+    rng = np.random.default_rng() if augment else None
+    image = normalize_batch(batch["image"], HPA_MEAN, HPA_STD, augment_rng=rng)
+    return {"image": image, "target": batch["target"], "ok": batch["ok"]}
 
 
 def keep_ids(batch: pd.DataFrame, ids: frozenset) -> pd.DataFrame:
@@ -113,15 +116,6 @@ def build_optimizer(model: torch.nn.Module, optim: dict, steps_per_epoch: int):
     else:
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     return optimizer, scheduler
-
-
-def autocast_context(device: torch.device, enabled: bool):
-    """bf16 where the GPU supports it, else fp16 (with a scaler); nothing on CPU."""
-    if device.type != "cuda" or not enabled:
-        return torch.autocast("cpu", enabled=False), None
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    return torch.autocast("cuda", dtype=dtype), scaler
 
 
 def train_one_epoch(model, batches, optimizer, scheduler, optim, device, autocast, scaler) -> dict:
@@ -336,10 +330,12 @@ def labelled_rows(uri: str):
     return dataset, index
 
 
-def check_decodable(dataset, total: int, max_bad_fraction: float) -> int:
-    """Decode every image once before training starts; fail with the bad files named
-    if more than ``max_bad_fraction`` are unreadable."""
-    bad = [row["bad"] for row in dataset.map_batches(count_undecodable, batch_format="numpy").iter_rows()]
+def check_decodable(decoded: list, total: int, max_bad_fraction: float) -> int:
+    """Count the images that failed to decode (a read of the cache when the decoded
+    splits are cached, else one decode pass) and fail before training starts, with
+    the bad files named, if more than ``max_bad_fraction`` are unreadable."""
+    bad = [f"{row['image_id']}: {row['error']}"
+           for dataset in decoded for row in dataset.select_columns(["image_id", "error"]).iter_rows() if row["error"]]
     for line in bad[:20]:
         logger.warning("undecodable training image, skipped: %s", line)
     if total and len(bad) / total > max_bad_fraction:
@@ -350,8 +346,17 @@ def check_decodable(dataset, total: int, max_bad_fraction: float) -> int:
     return len(bad)
 
 
+def decoded_gib(images: int, image_size: int) -> float:
+    return images * 3 * image_size**2 * np.dtype(np.float32).itemsize / 2**30
+
+
 def prepare_datasets(config: TrainingConfig) -> tuple[dict, int, int]:
-    """Train/val Ray Datasets (decoded and preprocessed lazily), train count, bad count."""
+    """Train/val Ray Datasets (decoded and preprocessed by Ray Data), train count, bad count.
+
+    Decoding is the expensive, deterministic part: when the decoded images fit in
+    ``data.cache_decoded_gib`` they are decoded once into Ray's object store and
+    each epoch only augments and normalizes; otherwise every epoch decodes as it streams.
+    """
     from protein_ray.data import stratified_split
 
     uri = config.data.path or ensure_embedded_dataset(config)
@@ -359,16 +364,24 @@ def prepare_datasets(config: TrainingConfig) -> tuple[dict, int, int]:
     train_ids, val_ids = stratified_split(
         index["image_id"].tolist(), [list(x) for x in index["labels"]], config.data.val_fraction, config.data.split_seed
     )
-    bad = check_decodable(rows, len(index), config.data.max_bad_fraction)
     size = config.data.image_size
+    cache = decoded_gib(len(index), size) <= config.data.cache_decoded_gib
 
-    def split(ids, augment):
-        return rows.map_batches(keep_ids, fn_kwargs={"ids": frozenset(ids)}, batch_format="pandas").map_batches(
-            decode_for_training, fn_kwargs={"image_size": size, "augment": augment}, batch_format="numpy"
+    def decoded(ids):
+        dataset = rows.map_batches(keep_ids, fn_kwargs={"ids": frozenset(ids)}, batch_format="pandas").map_batches(
+            decode_for_training, fn_kwargs={"image_size": size}, batch_format="numpy"
         )
+        return dataset.materialize() if cache else dataset
 
-    logger.info("data: %s (%d train / %d validation images)", uri, len(train_ids), len(val_ids))
-    return {"train": split(train_ids, True), "val": split(val_ids, False)}, len(train_ids), bad
+    train, val = decoded(train_ids), decoded(val_ids)
+    bad = check_decodable([train, val], len(index), config.data.max_bad_fraction)
+    logger.info("data: %s (%d train / %d validation images; decoded %s)", uri, len(train_ids), len(val_ids),
+                f"once and cached ({decoded_gib(len(index), size):.2f} GiB)" if cache else "every epoch")
+    datasets = {
+        "train": train.map_batches(augment_and_normalize, fn_kwargs={"augment": True}, batch_format="numpy"),
+        "val": val.map_batches(augment_and_normalize, fn_kwargs={"augment": False}, batch_format="numpy"),
+    }
+    return datasets, len(train_ids), bad
 
 
 def run_storage(config: TrainingConfig) -> tuple[str, object]:

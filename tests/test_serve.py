@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import tifffile
 import yaml
+from conftest import ROOT, free_port
 from PIL import Image
 
-from conftest import ROOT, free_port
 from protein_ray.labels import CLASS_NAMES
 from protein_ray.model import CheckpointError, ModelCard, create_model, save_checkpoint
 from protein_ray.predictor import Predictor
