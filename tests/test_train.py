@@ -2,9 +2,9 @@
 
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from conftest import history, smoke_config
@@ -187,7 +187,7 @@ def test_missing_dataset_path_fails_before_workers(ray_session, tmp_path):
 @pytest.mark.parametrize("cache_gib", [4.0, 0.0], ids=["cached", "streamed"])
 def test_corrupt_training_images_are_counted_then_fatal_past_the_limit(ray_session, tmp_path, cache_gib):
     from protein_ray import synthetic
-    from protein_ray.train import TrainingDataError, prepare_datasets
+    from protein_ray.train import TrainingDataError, collate_batch, prepare_datasets
 
     root = tmp_path / "kaggle"
     synthetic.write_kaggle_dataset(root, n_train=30, n_test=2, size=64, seed=1, workers=1, progress=False)
@@ -196,12 +196,14 @@ def test_corrupt_training_images_are_counted_then_fatal_past_the_limit(ray_sessi
     settings = [f"data.path={root}", "data.image_size=32", f"data.cache_decoded_gib={cache_gib}"]
     datasets, train_count, bad = prepare_datasets(load_config(None, [*settings, "data.max_bad_fraction=0.1"]))
     assert bad == 1
-    batches = {name: list(data.iter_batches(batch_size=None, batch_format="numpy")) for name, data in datasets.items()}
-    ok = np.concatenate([b["ok"] for split in batches.values() for b in split])
+    batches = {name: list(data.iter_torch_batches(batch_size=8, collate_fn=partial(collate_batch, augment=True)))
+               for name, data in datasets.items()}
+    ok = torch.cat([b["ok"] for split in batches.values() for b in split])
     assert len(ok) == 30 and ok.sum() == 29  # the bad image is kept, weighted 0 by the loss
     assert sum(len(b["ok"]) for b in batches["train"]) == train_count
     assert set(batches["train"][0]) == {"image", "target", "ok"}
     assert batches["train"][0]["image"].shape[1:] == (3, 32, 32)
+    assert batches["train"][0]["image"].dtype == batches["train"][0]["target"].dtype == torch.float32
     with pytest.raises(TrainingDataError, match=rf"1 of 30 training images cannot be decoded.*{victim.stem}"):
         prepare_datasets(load_config(None, [*settings, "data.max_bad_fraction=0.0"]))
 
