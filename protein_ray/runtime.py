@@ -21,8 +21,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    # The dashboard serves Ray's State API, which Ray Train's placement-group cleaner
-    # polls every second (it logs a warning each time it cannot); users want it too.
-    context = ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
-    logger.info("started a local Ray instance with %s CPUs; dashboard at http://%s",
-                ray.cluster_resources().get("CPU"), context.dashboard_url)
+    # No dashboard: on a small machine its processes, polled every second by Ray Train's
+    # placement-group cleaner, cost more CPU than training can spare. (Without it the
+    # cleaner logs that the State API is unavailable; for the dashboard, start a
+    # cluster with `ray start --head` and pass its address.)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    logger.info("started a local Ray instance with %s CPUs", ray.cluster_resources().get("CPU"))
