@@ -20,6 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+def pytest_collection_modifyitems(items):
+    """Tests on a separate `ray start --head` cluster run last, after everything that
+    shares the session's in-process Ray instance."""
+    items.sort(key=lambda item: item.get_closest_marker("cluster") is not None)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

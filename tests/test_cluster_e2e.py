@@ -10,8 +10,10 @@ Nothing here shares the test session's in-process Ray instance.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,10 +45,12 @@ def run(command: list[str], env: dict, timeout: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def cluster(s3_server, tmp_path_factory):
+def cluster(s3_server):
     """A head node on 127.0.0.1 with the dashboard (the Jobs API) on a free port."""
     gcs_port, dashboard_port, serve_port = free_port(), free_port(), free_port()
-    temp_dir = tmp_path_factory.mktemp("ray-cluster")
+    # Short on purpose: Ray's dashboard puts AF_UNIX sockets (107-byte path limit) under
+    # <temp-dir>/session_<date>_<pid>/sockets/, which pytest's deep tmp paths overflow.
+    temp_dir = tempfile.mkdtemp(prefix="rc-", dir="/tmp")
     env = cli_env(f"http://127.0.0.1:{dashboard_port}")
     env.pop("RAY_ADDRESS")
     run([str(BIN / "ray"), "start", "--head", f"--port={gcs_port}", "--node-ip-address=127.0.0.1",
@@ -56,7 +60,27 @@ def cluster(s3_server, tmp_path_factory):
         wait_for_port(dashboard_port, timeout_s=60)
         yield {"jobs": f"http://127.0.0.1:{dashboard_port}", "serve_port": serve_port}
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def stop_cluster(temp_dir: str) -> None:
+    """Kill this cluster's processes only: `ray stop` would also kill the test
+    session's own Ray instance. Its daemons name the temp dir on their command
+    line; its workers are their descendants."""
+    import psutil
+
+    daemons = []
+    for process in psutil.process_iter(["cmdline"]):
+        if temp_dir in " ".join(process.info["cmdline"] or []):
+            daemons.append(process)
+    doomed = {p.pid: p for d in daemons for p in [d, *d.children(recursive=True)]}
+    for process in doomed.values():
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(list(doomed.values()), timeout=30)
 
 
 def submit(cluster: dict, args: list[str], timeout: int) -> str:
