@@ -203,9 +203,10 @@ def watch_autoscaling(args, checkpoint: str, url: str, image: Path) -> list[tupl
     classifier = {
         "max_ongoing_requests": 64,
         "user_config": {"max_batch_size": 16, "batch_wait_timeout_s": args.batch_wait},
-        # Short delays so the benchmark sees both decisions in a minute or two.
+        # Short delays so the benchmark sees both decisions in a minute or two (the look-back
+        # window must exceed Serve's 10 s metrics interval).
         "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8,
-                               "upscale_delay_s": 2, "downscale_delay_s": 10, "look_back_period_s": 5},
+                               "upscale_delay_s": 2, "downscale_delay_s": 10, "look_back_period_s": 12},
     }
     deploy(app_config(checkpoint, classifier))
     warm_up(url, image)
