@@ -59,7 +59,7 @@ class TrainingDataError(ValueError):
 def decode_for_training(batch: dict, image_size: int) -> dict:
     """Ray Data map function: encoded rows -> resized 0..1 images, targets and the
     decode outcome. Deterministic, so its output can be cached across epochs;
-    augmentation and normalization come after, in ``augment_and_normalize``.
+    augmentation and normalization come after, as workers collate (``collate_batch``).
 
     A corrupt image does not fail the batch: it becomes a zero image with
     ``ok = 0`` (the loss ignores it) and its reason in ``error``.
