@@ -37,9 +37,15 @@ def cli_env(address: str) -> dict:
     return env
 
 
-def run(command: list[str], env: dict, timeout: int) -> str:
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    output = result.stdout + result.stderr
+def run(command: list[str], env: dict, timeout: int, retry_if: str | None = None) -> str:
+    """Run a CLI; with ``retry_if``, retry for up to a minute while its output says so."""
+    deadline = time.monotonic() + 60
+    while True:
+        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        output = result.stdout + result.stderr
+        if result.returncode == 0 or not retry_if or retry_if not in output or time.monotonic() > deadline:
+            break
+        time.sleep(3)
     assert result.returncode == 0, f"{' '.join(command)} failed ({result.returncode}):\n{output[-4000:]}"
     return output
 
@@ -86,7 +92,9 @@ def stop_cluster(temp_dir: str) -> None:
 def submit(cluster: dict, args: list[str], timeout: int) -> str:
     """`ray job submit --working-dir . -- python ...`, waiting for SUCCEEDED."""
     env = cli_env(cluster["jobs"])
-    output = run([str(BIN / "ray"), "job", "submit", "--working-dir", ".", "--", "python", *args], env, timeout)
+    # The head's job agent registers a few seconds after the dashboard port opens.
+    output = run([str(BIN / "ray"), "job", "submit", "--working-dir", ".", "--", "python", *args], env, timeout,
+                 retry_if="No available agent to submit job")
     assert "succeeded" in output.lower(), output[-3000:]
     return output
 
