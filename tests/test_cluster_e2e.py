@@ -61,6 +61,10 @@ def cluster(s3_server):
     env.pop("RAY_ADDRESS")
     run([str(BIN / "ray"), "start", "--head", f"--port={gcs_port}", "--node-ip-address=127.0.0.1",
          f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1", "--num-cpus=6",
+         # Free ports for the node's agents too: their defaults (52365, ...) are taken by the
+         # test session's own Ray instance, and a head whose job agent cannot bind accepts no jobs.
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
          "--include-dashboard=true", f"--temp-dir={temp_dir}", "--disable-usage-stats"], env, timeout=180)
     try:
         wait_for_port(dashboard_port, timeout_s=60)
