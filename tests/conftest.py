@@ -6,6 +6,7 @@ processes inherit the same ``AWS_*`` environment a user would set.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
@@ -14,7 +15,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import tifffile
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -24,6 +28,16 @@ def pytest_collection_modifyitems(items):
     """Tests on a separate `ray start --head` cluster run last, after everything that
     shares the session's in-process Ray instance."""
     items.sort(key=lambda item: item.get_closest_marker("cluster") is not None)
+
+
+def encode(array: np.ndarray, fmt: str, **kwargs) -> bytes:
+    """An image array as the bytes of a PNG/TIFF/JPEG file, as a user would send it."""
+    buffer = io.BytesIO()
+    if fmt == "TIFF":
+        tifffile.imwrite(buffer, array, **kwargs)
+    else:
+        Image.fromarray(array).save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
 
 
 def free_port() -> int:

@@ -5,7 +5,7 @@ import io
 import numpy as np
 import pytest
 import tifffile
-from PIL import Image
+from conftest import encode
 
 from protein_ray.imaging import (
     HPA_MEAN,
@@ -15,15 +15,6 @@ from protein_ray.imaging import (
     merge_channels,
     preprocess_batch,
 )
-
-
-def encode(array: np.ndarray, fmt: str, **kwargs) -> bytes:
-    buffer = io.BytesIO()
-    if fmt == "TIFF":
-        tifffile.imwrite(buffer, array, **kwargs)
-    else:
-        Image.fromarray(array).save(buffer, format=fmt, **kwargs)
-    return buffer.getvalue()
 
 
 @pytest.fixture

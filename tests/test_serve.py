@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 import tifffile
 import yaml
-from conftest import ROOT, free_port
-from PIL import Image
+from conftest import ROOT, encode, free_port
 
 from protein_ray.labels import CLASS_NAMES
 from protein_ray.model import CheckpointError, ModelCard, create_model, save_checkpoint
@@ -25,15 +24,6 @@ pytestmark = pytest.mark.ray
 MAX_BODY = 2 * 1024 * 1024
 MAX_IMAGES = 4
 MAX_PIXELS = 1_000_000
-
-
-def encode(array: np.ndarray, fmt: str, **kwargs) -> bytes:
-    buffer = io.BytesIO()
-    if fmt == "TIFF":
-        tifffile.imwrite(buffer, array, **kwargs)
-    else:
-        Image.fromarray(array).save(buffer, format=fmt, **kwargs)
-    return buffer.getvalue()
 
 
 def rgb_png(seed: int = 0, size: int = 96) -> bytes:
