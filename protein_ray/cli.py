@@ -17,24 +17,23 @@ logger = logging.getLogger("protein_ray")
 
 
 def run_synth(args: argparse.Namespace) -> None:
-    from protein_ray import synthetic
+    from protein_ray import synthetic, synthetic_exports
 
+    size = args.size or (1080 if args.layout in ("imagexpress", "phenix") else 512)
+    plate_args = dict(plates=args.plates, wells=args.wells, fields=args.fields, size=size, seed=args.seed,
+                      workers=args.workers)
     if args.layout == "kaggle":
         summary = synthetic.write_kaggle_dataset(
-            args.out, n_train=args.train, n_test=args.test, size=args.size, seed=args.seed, workers=args.workers
+            args.out, n_train=args.train, n_test=args.test, size=size, seed=args.seed, workers=args.workers
         )
-    else:
+    elif args.layout == "plate":
         summary = synthetic.write_plate_dataset(
-            args.out,
-            plates=args.plates,
-            wells=args.wells,
-            fields=args.fields,
-            channels=args.channels,
-            bit_depth=args.bit_depth,
-            size=args.size,
-            seed=args.seed,
-            workers=args.workers,
+            args.out, channels=args.channels, bit_depth=args.bit_depth, **plate_args
         )
+    elif args.layout == "imagexpress":
+        summary = synthetic_exports.write_imagexpress_export(args.out, **plate_args)
+    else:
+        summary = synthetic_exports.write_phenix_export(args.out, **plate_args)
     print(json.dumps(summary, indent=2, default=str))
     print(f"synthetic {args.layout} data set: {args.out}")
 
@@ -42,21 +41,25 @@ def run_synth(args: argparse.Namespace) -> None:
 def add_synth_command(commands) -> None:
     parser = commands.add_parser(
         "synth",
-        help="generate a synthetic HPA-like data set (Kaggle or plate layout)",
-        description="Generate realistic synthetic 3-channel microscopy images whose green pattern "
-        "follows the labels, with label sets sampled from the real data set's frequencies.",
+        help="generate a synthetic HPA-like data set (Kaggle, plate, or an ImageXpress/Phenix plate export)",
+        description="Generate realistic synthetic microscopy images whose green pattern follows the labels, "
+        "with label sets sampled from the real data set's frequencies: 3-channel Kaggle or plate layouts, or "
+        "4-stain (+ yellow ER) 12-bit LZW TIFF plates named as ImageXpress/MetaXpress or Opera Phenix "
+        "(Harmony) export them.",
     )
     parser.add_argument("--out", required=True, help="output folder (created)")
-    parser.add_argument("--layout", choices=["kaggle", "plate"], default="kaggle", help="folder layout (default: kaggle)")
+    parser.add_argument("--layout", choices=["kaggle", "plate", "imagexpress", "phenix"], default="kaggle",
+                        help="folder layout (default: kaggle)")
     parser.add_argument("--train", type=int, default=2000, help="kaggle: number of training images (default 2000)")
     parser.add_argument("--test", type=int, default=500, help="kaggle: number of test images (default 500)")
-    parser.add_argument("--plates", type=int, default=1, help="plate: number of plates (default 1)")
-    parser.add_argument("--wells", type=int, choices=[96, 384], default=96, help="plate: wells per plate")
-    parser.add_argument("--fields", type=int, default=4, help="plate: fields per well (default 4)")
+    parser.add_argument("--plates", type=int, default=1, help="plate layouts: number of plates (default 1)")
+    parser.add_argument("--wells", type=int, choices=[96, 384], default=96, help="plate layouts: wells per plate")
+    parser.add_argument("--fields", type=int, default=4, help="plate layouts: fields (sites) per well (default 4)")
     parser.add_argument("--channels", choices=["merged", "separate"], default="merged",
                         help="plate: one RGB file per field, or one grayscale file per stain (HPA style)")
     parser.add_argument("--bit-depth", type=int, choices=[8, 16], default=8, help="plate: 8-bit PNG or 16-bit TIFF")
-    parser.add_argument("--size", type=int, default=512, help="image side in pixels (default 512, like the real data)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="image side in pixels (default 512 like the real Kaggle data; 1080 for the exports)")
     parser.add_argument("--seed", type=int, default=0, help="random seed: same seed, same bytes")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
     parser.set_defaults(handler=run_synth)

@@ -4,7 +4,7 @@ The pictures come from :mod:`protein_ray.synthetic_cells`; this module samples
 label sets with the real data's frequencies, renders images over a process pool
 and writes dataset folders. Two layouts live here: the Kaggle one (train/test
 folders plus CSVs) and a plate-scan one (``P001/P001_A01_f1.png``; or one file per
-stain, 8- or 16-bit).
+stain, 8- or 16-bit); vendor plate exports are in :mod:`protein_ray.synthetic_exports`.
 Image ``i`` draws its randomness from ``SeedSequence([seed, split, i])`` so a
 seed yields the same bytes whatever the worker count or order. Folders are built
 in a staging folder and swapped in whole, with a manifest that lets a rerun with
@@ -46,7 +46,7 @@ MANIFEST = "synthetic.json"
 STAINS = ("red", "green", "blue")  # HPA's per-channel file suffixes
 INCOMPLETE_MARKER = "_INCOMPLETE"
 # Streams of the seed: each split/purpose draws from its own SeedSequence branch.
-TRAIN, TEST, PLATE, TRAIN_LABELS, TEST_LABELS, PLATE_LABELS = range(6)
+TRAIN, TEST, PLATE, TRAIN_LABELS, TEST_LABELS, PLATE_LABELS, EXPORT, EXPORT_LABELS = range(8)
 
 
 # ----------------------------------------------------------------------------- labels
@@ -69,6 +69,11 @@ def sample_label_sets(n: int, rng: np.random.Generator) -> list[list[int]]:
 
 
 # ----------------------------------------------------------------------------- writing images
+def _write_field(job: _Job, rng: np.random.Generator) -> None:
+    """The Kaggle and plate layouts' writer: one RGB render saved as ``job.fmt``."""
+    _save(render_field(job.labels, job.size, rng), job.stem, job.fmt)
+
+
 @dataclass(frozen=True)
 class _Job:
     """One image to render and save: picklable, so it can go to a worker process."""
@@ -76,8 +81,11 @@ class _Job:
     entropy: tuple[int, ...]  # SeedSequence entropy: fixes the image whatever the worker
     labels: tuple[int, ...]
     size: int
-    stem: str  # path without extension
-    fmt: str  # "png" | "tif16" | "png-separate" | "tif16-separate"
+    stem: str  # path without extension (vendor exports: the image path, with a {channel} field)
+    fmt: str  # "png" | "tif16" | "png-separate" | "tif16-separate", or a vendor export's name
+    # Renders and saves the job; a module-level function, so the job stays picklable.
+    write: Callable[[_Job, np.random.Generator], None] = _write_field
+    drop: tuple[int, ...] = ()  # vendor exports: channel numbers whose files are left out
 
 
 def _save(image: np.ndarray, stem: str, fmt: str) -> None:
@@ -97,7 +105,7 @@ def _save(image: np.ndarray, stem: str, fmt: str) -> None:
 def _render_jobs(jobs: Sequence[_Job]) -> int:
     for job in jobs:
         rng = np.random.default_rng(np.random.SeedSequence(list(job.entropy)))
-        _save(render_field(job.labels, job.size, rng), job.stem, job.fmt)
+        job.write(job, rng)
     return len(jobs)
 
 

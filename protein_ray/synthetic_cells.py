@@ -2,7 +2,8 @@
 
 A field shows a few cells: a textured blue nucleus with dark nucleoli, red
 microtubules radiating from the centrosome, and a green protein whose pattern is
-set by the labels (one painter per class; several labels add up). Images are
+set by the labels (one painter per class; several labels add up); HPA's fourth
+stain, a yellow endoplasmic reticulum, is available through ``render_stains``. Images are
 dark, like real HPA PNGs, and brightness, cell count, blur and noise vary so
 that only the spatial pattern tells the classes apart. Everything here is a
 pure function of the ``numpy`` generator it is given.
@@ -306,7 +307,7 @@ def _camera(image: np.ndarray, scale: float, rng) -> np.ndarray:
     blur = rng.uniform(0.4, 1.0) * scale * 2
     if blur > 0.3:
         image = ndimage.gaussian_filter(image, (blur, blur, 0))
-    image = image + rng.uniform(0.003, 0.02, 3)
+    image = image + rng.uniform(0.003, 0.02, image.shape[-1])
     # Shot noise (Gaussian approximation of Poisson: much faster) plus read noise.
     photons, read_noise = rng.uniform(150, 600), rng.uniform(0.002, 0.008)
     sigma = np.sqrt(np.clip(image, 0, None) / photons + read_noise**2)
@@ -314,11 +315,45 @@ def _camera(image: np.ndarray, scale: float, rng) -> np.ndarray:
     return np.clip(image, 0, 1).astype(np.float32)
 
 
-def render_field(labels: Sequence[int], size: int, rng: np.random.Generator) -> np.ndarray:
-    """One field of view as float32 (size, size, 3) in 0..1: R microtubules, G protein, B DNA."""
+def _endoplasmic_reticulum(field: Field, rng) -> np.ndarray:
+    """ER stain, the same whatever the labels: a mesh of tubules through the cytoplasm.
+
+    Zero crossings of two smooth noise fields overlap into a polygonal net; the net, a few
+    sheets and the nuclear envelope (continuous with the ER) make it brightest near the nucleus.
+    """
+    shape = (field.size,) * 2
+    mesh = np.zeros(shape, np.float32)
+    for sigma in (3.0, 5.0):
+        mesh = np.maximum(mesh, np.exp(-((_smooth_noise(shape, sigma * field.scale, rng) / 0.4) ** 2)))
+    sheets = 0.3 * np.clip(_smooth_noise(shape, 8 * field.scale, rng), 0, None) * field.perinuclear
+    envelope = 0.5 * field.perinuclear**12
+    density = 0.25 + 0.75 * field.perinuclear**1.5
+    per_cell = rng.uniform(0.6, 1.1, field.n_cells + 1)[field.owner]
+    return (mesh * density + sheets + envelope + 0.05) * per_cell * field.cytoplasm
+
+
+def _render_rgb(labels: Sequence[int], size: int, rng: np.random.Generator) -> tuple[Field, np.ndarray]:
+    """The field's geometry and its 3-stain picture (the draws that fix ``render_field``'s output)."""
     labels = validate_ids(labels)
     field = _build_field(size, rng)
     gains = rng.lognormal(np.log([0.54, 0.68, 0.72]), 0.3)  # exposure per channel
     red = _microtubules(field, rng) * rng.uniform(0.6, 1.1, field.n_cells + 1)[field.owner]
     image = np.stack([red * gains[0], _green(field, labels, rng) * gains[1], _dna(field, rng) * gains[2]], -1)
-    return _camera(image, field.scale, rng)
+    return field, _camera(image, field.scale, rng)
+
+
+def render_field(labels: Sequence[int], size: int, rng: np.random.Generator) -> np.ndarray:
+    """One field of view as float32 (size, size, 3) in 0..1: R microtubules, G protein, B DNA."""
+    return _render_rgb(labels, size, rng)[1]
+
+
+def render_stains(labels: Sequence[int], size: int, rng: np.random.Generator) -> np.ndarray:
+    """HPA's four stains as float32 (size, size, 4) in 0..1: red, green, blue, yellow (ER).
+
+    The first three equal ``render_field`` with the same ``rng``. The yellow stain draws from
+    a child generator (``rng.spawn``), so it does not depend on the labels either.
+    """
+    field, rgb = _render_rgb(labels, size, rng)
+    er_rng = rng.spawn(1)[0]
+    yellow = _endoplasmic_reticulum(field, er_rng) * er_rng.lognormal(np.log(0.6), 0.3)
+    return np.concatenate([rgb, _camera(yellow[..., None], field.scale, er_rng)], -1)

@@ -1,4 +1,4 @@
-"""The synthetic HPA-like generator: determinism, layouts, realism, and that global stats can't solve it."""
+"""The synthetic HPA-like generator: determinism, layouts, vendor exports, realism, and that global stats can't solve it."""
 
 from __future__ import annotations
 
@@ -6,16 +6,19 @@ import csv
 import hashlib
 import importlib.resources
 import json
+import re
 from pathlib import Path
+from xml.etree import ElementTree
 
 import numpy as np
 import pytest
 import tifffile
 from PIL import Image
+from scipy import ndimage
 
-from protein_ray import synthetic
+from protein_ray import cli, synthetic, synthetic_exports
 from protein_ray.labels import NUM_CLASSES, multi_hot_matrix, parse_label_string
-from protein_ray.synthetic_cells import render_field
+from protein_ray.synthetic_cells import _build_field, render_field, render_stains
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -57,6 +60,15 @@ def test_render_field_is_a_pure_function_of_the_rng():
     assert first.dtype == np.float32 and first.shape == (64, 64, 3)
     assert 0 <= first.min() and first.max() <= 1
     np.testing.assert_array_equal(first, second)
+
+
+
+def test_the_pictures_have_not_changed():
+    """Figures of one render: if a change moves them, bump GENERATOR_VERSION (saved data sets differ) and these."""
+    pixels = render_field([2, 4], 64, np.random.default_rng(11)).astype(np.float64)
+    np.testing.assert_allclose(pixels.mean((0, 1)), [0.06010053, 0.01481866, 0.0302542], rtol=1e-4)
+    np.testing.assert_allclose(pixels.std((0, 1)), [0.10968152, 0.03668159, 0.10629188], rtol=1e-4)
+    np.testing.assert_allclose(pixels[20, 30], [0.26673818, 0.01391395, 0.00928224], rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -208,3 +220,166 @@ def test_bad_arguments_are_rejected(tmp_path):
         synthetic.write_plate_dataset(tmp_path / "p", bit_depth=12, progress=False)
     with pytest.raises(ValueError, match="wells"):
         synthetic.write_plate_dataset(tmp_path / "p", wells=48, progress=False)
+
+
+# ----------------------------------------------------------------------------- 4 stains
+def test_render_stains_adds_yellow_and_keeps_the_three_stains():
+    four = render_stains([2, 4], 64, np.random.default_rng(11))
+    assert four.dtype == np.float32 and four.shape == (64, 64, 4) and 0 <= four.min() and four.max() <= 1
+    np.testing.assert_array_equal(four[..., :3], render_field([2, 4], 64, np.random.default_rng(11)))
+    other_labels = render_stains([0, 7, 8], 64, np.random.default_rng(11))
+    np.testing.assert_array_equal(four[..., 3], other_labels[..., 3])  # the ER does not follow the labels
+    assert not np.array_equal(four[..., 1], other_labels[..., 1])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_yellow_er_is_a_mesh_in_the_cytoplasm_brightest_near_the_nucleus(seed):
+    yellow = render_stains([4], 256, np.random.default_rng(seed))[..., 3]
+    field = _build_field(256, np.random.default_rng(seed))  # render_stains builds this same field first
+    cytoplasm = field.cytoplasm & (field.edge_distance > 3)
+    nucleus = ndimage.binary_erosion(field.nucleus, iterations=4)  # away from the blurred rim
+    assert yellow[cytoplasm].mean() > 5 * yellow[nucleus].mean()
+    near, far = cytoplasm & (field.perinuclear > 0.7), cytoplasm & (field.perinuclear < 0.3)
+    assert yellow[near].mean() > 1.6 * yellow[far].mean()
+    detail = yellow - ndimage.gaussian_filter(yellow, 4)  # a mesh has strong local contrast, a fill does not
+    assert detail[cytoplasm].std() > 0.3 * yellow[cytoplasm].mean()
+
+
+# ----------------------------------------------------------------------------- vendor exports
+IMAGEXPRESS_IMAGE = re.compile(r"(?P<plate>[^_/]+)_(?P<well>[A-P]\d{2})_s(?P<site>\d+)_w(?P<wavelength>[1-9])\.TIF")
+IMAGEXPRESS_THUMB = re.compile(
+    r"(?P<plate>[^_/]+)_(?P<well>[A-P]\d{2})_s(?P<site>\d+)_w(?P<wavelength>[1-9])_thumb(?P<guid>[0-9A-F]{8})\.tif")
+PHENIX_IMAGE = re.compile(
+    r"r(?P<row>\d{2})c(?P<column>\d{2})f(?P<field>\d{2})p(?P<plane>\d{2})-ch(?P<channel>\d+)sk1fk1fl1\.tiff")
+EXPORT_WELLS = ["B03", "C05"]
+EXPORT = dict(wells=EXPORT_WELLS, fields=2, size=64, seed=7, workers=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def imagexpress(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("ix") / "export"
+    return out, synthetic_exports.write_imagexpress_export(out, drop_stain=("C05", 2, 2), **EXPORT)
+
+
+@pytest.fixture(scope="module")
+def phenix(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("phenix") / "export"
+    return out, synthetic_exports.write_phenix_export(out, plates=2, drop_stain=("B03", 1, 4), **EXPORT)
+
+
+def every_field(plates=("P001",)) -> set[tuple[str, str, int, int]]:
+    return {(plate, well, site, n) for plate in plates for well in EXPORT_WELLS for site in (1, 2) for n in range(1, 5)}
+
+
+def test_imagexpress_names_thumbnails_and_plate_file(imagexpress):
+    out, summary = imagexpress
+    names = sorted(p.name for p in (out / "P001").iterdir())
+    images = [IMAGEXPRESS_IMAGE.fullmatch(name) for name in names]
+    thumbs = [IMAGEXPRESS_THUMB.fullmatch(name) for name in names]
+    others = [name for name, image, thumb in zip(names, images, thumbs) if not image and not thumb]
+    assert others == ["P001.HTD"]
+
+    def keys(matches):
+        return {(m["plate"], m["well"], int(m["site"]), int(m["wavelength"])) for m in matches if m}
+
+    expected = every_field() - {("P001", "C05", 2, 2)}  # the dropped stain
+    assert keys(images) == keys(thumbs) == expected
+    assert summary["missing_files"] == ["P001/P001_C05_s2_w2.TIF"] and not (out / "P001/P001_C05_s2_w2.TIF").exists()
+    thumb = tifffile.imread(next((out / "P001").glob("P001_B03_s1_w1_thumb*.tif")))
+    assert thumb.dtype == np.uint8 and thumb.shape == (16, 16) and thumb.max() > 128  # small, 8-bit, stretched
+    htd = (out / "P001" / "P001.HTD").read_text()
+    assert htd.startswith('"HTSInfoFile"') and '"NWavelengths", 4' in htd and '"WaveName1", "DAPI"' in htd
+    assert '"WellsSelection2", FALSE, FALSE, TRUE, FALSE' in htd  # B03 is imaged
+    assert summary["channels"]["4"].startswith("endoplasmic reticulum")
+
+
+def test_phenix_names_and_index(phenix):
+    out, summary = phenix
+    found = set()
+    for plate in ("P001", "P002"):
+        names = {p.name for p in (out / plate / "Images").iterdir()}
+        assert "Index.idx.xml" in names
+        for name in names - {"Index.idx.xml"}:
+            match = PHENIX_IMAGE.fullmatch(name)
+            assert match, name
+            well = f"{chr(ord('A') + int(match['row']) - 1)}{int(match['column']):02d}"  # r02c03 is B03
+            found.add((plate, well, int(match["field"]), int(match["channel"])))
+        index = ElementTree.parse(out / plate / "Images" / "Index.idx.xml").getroot()
+        assert index.findtext("Plates/Plate/Name") == plate
+        assert [e.findtext("ChannelName") for e in index.iterfind("Maps/Map/Entry")] == \
+            ["DAPI", "Alexa 488", "Alexa 568", "Alexa 647"]
+        assert {e.get("id") for e in index.iterfind("Plates/Plate/Well")} == {"0203", "0305"}
+        assert {e.findtext("URL") for e in index.iterfind("Images/Image")} == names - {"Index.idx.xml"} | (
+            {"r02c03f01p01-ch4sk1fk1fl1.tiff"})  # the index lists the lost file
+    assert found == every_field(("P001", "P002")) - {(p, "B03", 1, 4) for p in ("P001", "P002")}
+    assert summary["missing_files"] == [f"{p}/Images/r02c03f01p01-ch4sk1fk1fl1.tiff" for p in ("P001", "P002")]
+
+
+def test_export_truth_tables(phenix):
+    out, _ = phenix
+    plate_map, truth = read_csv(out / "plate_map.csv"), read_csv(out / "ground_truth.csv")
+    assert list(plate_map[0]) == ["plate", "well", "labels"] and list(truth[0]) == ["plate", "well", "field", "labels"]
+    assert [(row["plate"], row["well"]) for row in plate_map] == [(p, w) for p in ("P001", "P002") for w in EXPORT_WELLS]
+    well_labels = {(row["plate"], row["well"]): row["labels"] for row in plate_map}
+    assert all(parse_label_string(labels) for labels in well_labels.values())
+    assert len(truth) == 2 * 2 * 2 and all(row["labels"] == well_labels[row["plate"], row["well"]] for row in truth)
+
+
+def test_exports_are_12_bit_lzw_uint16(imagexpress, phenix):
+    files = sorted(imagexpress[0].glob("P001/*.TIF")) + sorted(phenix[0].glob("P00*/Images/*.tiff"))
+    assert len(files) == 15 + 30
+    for path in files:
+        with tifffile.TiffFile(path) as tiff:
+            page = tiff.pages[0]
+            assert page.compression == tifffile.COMPRESSION.LZW, path
+            assert page.dtype == np.uint16 and page.shape == (64, 64)
+            pixels = page.asarray()
+        assert pixels.max() <= 4095 and pixels.min() >= 90, path  # 12-bit data above the camera offset
+        assert np.percentile(pixels, 5) < 300  # dark background sits near the ~100-count offset
+    brightest = max(tifffile.imread(path).max() for path in files)
+    assert brightest > 2000  # the 12-bit range is used, not 8-bit values
+
+
+def test_exports_same_seed_same_bytes_and_the_same_plate_in_both_forms(imagexpress, phenix, tmp_path):
+    again = tmp_path / "again"
+    summary = synthetic_exports.write_imagexpress_export(again, drop_stain=("C05", 2, 2), **{**EXPORT, "workers": 2})
+    assert digests(again) == digests(imagexpress[0]) and not summary["reused"]
+    ix = tifffile.imread(imagexpress[0] / "P001" / "P001_B03_s2_w3.TIF")
+    np.testing.assert_array_equal(ix, tifffile.imread(phenix[0] / "P001" / "Images" / "r02c03f02p01-ch3sk1fk1fl1.tiff"))
+    other = synthetic_exports.write_imagexpress_export(tmp_path / "other", **{**EXPORT, "seed": 8})
+    assert not np.array_equal(ix, tifffile.imread(Path(other["out"]) / "P001" / "P001_B03_s2_w3.TIF"))
+
+
+def test_each_well_has_its_own_content_whatever_else_is_imaged(tmp_path):
+    row = [f"D{c:02d}" for c in range(1, 13)]
+    common = dict(fields=1, size=16, seed=5, workers=1, progress=False)
+    full = synthetic_exports.write_phenix_export(tmp_path / "row", wells=row, **common)
+    alone = synthetic_exports.write_phenix_export(tmp_path / "alone", wells=["D07"], **common)
+    images = {w: tifffile.imread(Path(full["out"]) / "P001" / "Images" / f"r04c{w[1:]}f01p01-ch2sk1fk1fl1.tiff")
+              for w in row}
+    assert len({pixels.tobytes() for pixels in images.values()}) == 12
+    alone_d07 = tifffile.imread(Path(alone["out"]) / "P001" / "Images" / "r04c07f01p01-ch2sk1fk1fl1.tiff")
+    np.testing.assert_array_equal(alone_d07, images["D07"])
+    labels = {row["well"]: row["labels"] for row in read_csv(Path(full["plate_map_csv"]))}
+    assert read_csv(Path(alone["plate_map_csv"]))[0]["labels"] == labels["D07"]
+    assert len(set(labels.values())) > 1
+
+
+def test_export_arguments_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="wells"):
+        synthetic_exports.write_phenix_export(tmp_path / "x", wells=["B03", "Z99"], progress=False)
+    with pytest.raises(ValueError, match="drop_stain"):
+        synthetic_exports.write_phenix_export(tmp_path / "x", wells=["B03"], drop_stain=("C05", 1, 2), progress=False)
+    with pytest.raises(ValueError, match="drop_stain"):
+        synthetic_exports.write_phenix_export(tmp_path / "x", wells=["B03"], drop_stain=("B03", 1, 5), progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_writes_a_whole_384_well_export(tmp_path, capsys):
+    out = tmp_path / "ix"
+    argv = ["synth", "--out", str(out), "--layout", "imagexpress", "--wells", "384", "--fields", "1", "--size", "16",
+            "--seed", "3", "--workers", "1"]
+    assert cli.main(argv) == 0
+    assert len(list(out.glob("P001/*.TIF"))) == 384 * 4
+    assert '"YWells", 16' in (out / "P001" / "P001.HTD").read_text()
+    assert json.loads((out / synthetic.MANIFEST).read_text())["args"]["kind"] == "imagexpress"
