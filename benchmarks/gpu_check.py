@@ -16,7 +16,6 @@ Measures, on the GPU when there is one (CPU otherwise, to try the script):
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import re
 import time
@@ -27,13 +26,13 @@ import torch
 
 def synthetic_batch(size: int, image_size: int, batch_size: int, out: Path) -> tuple[torch.Tensor, list[bytes]]:
     """A batch of preprocessed synthetic images, plus their encoded PNG files."""
-    from protein_ray.imaging import decode_image, preprocess_batch
+    from protein_ray.imaging import Preprocessing, decode_image, preprocess_batch
     from protein_ray.synthetic import write_kaggle_dataset
 
     root = out / f"images-{size}px"
     write_kaggle_dataset(root, n_train=batch_size, n_test=0, size=size, seed=0, workers=1, progress=False)
     files = [path.read_bytes() for path in sorted((root / "train").glob("*.png"))]
-    return torch.from_numpy(preprocess_batch([decode_image(f) for f in files], image_size)), files
+    return torch.from_numpy(preprocess_batch([decode_image(f) for f in files], Preprocessing(image_size))), files
 
 
 def synchronize(device: torch.device) -> None:
@@ -47,10 +46,10 @@ def amp_training(model_name: str, images: torch.Tensor, steps: int, device: torc
     from protein_ray.model import autocast_context, create_model
     from protein_ray.train import build_optimizer, train_one_epoch
 
-    optim = dataclasses.asdict(OptimConfig(epochs=1))
+    optim = OptimConfig(epochs=1)
     model = create_model(model_name).to(device).to(memory_format=torch.channels_last)
     optimizer, scheduler = build_optimizer(model, optim, steps + 10)
-    autocast, scaler = autocast_context(device, optim["amp"])
+    autocast, scaler = autocast_context(device, optim.amp)
     images = images.to(device)
     # Fixed random targets: the loss must fall as the model memorises them, proof the steps do update.
     targets = (torch.rand(len(images), 10, generator=torch.Generator().manual_seed(0)) < 0.3).float().to(device)
@@ -85,13 +84,13 @@ def inference_rate(model_name: str, images: torch.Tensor, repeats: int, device: 
 
 def decode_rate_per_core(files: list[bytes], image_size: int, seconds: float = 5.0) -> float:
     """Decode + preprocess one image at a time on one thread, as one decode task does."""
-    from protein_ray.imaging import decode_image, preprocess_batch
+    from protein_ray.imaging import Preprocessing, decode_image, preprocess_batch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     done, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
-        preprocess_batch([decode_image(files[done % len(files)])], image_size)
+        preprocess_batch([decode_image(files[done % len(files)])], Preprocessing(image_size))
         done += 1
     torch.set_num_threads(threads)
     return done / (time.perf_counter() - started)

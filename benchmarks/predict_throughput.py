@@ -6,7 +6,7 @@ On the same images and model, with the same torch threads for the model:
   (b) a plain PyTorch DataLoader loop over the files: what a user writes without us
       (workers decode + preprocess with the same functions, the main process runs
       the model)
-  (c) ``protein_ray.batch.score``: Ray Data end to end, from listing the folder to
+  (c) ``protein_ray.scoring.score``: Ray Data end to end, from listing the folder to
       predictions.parquet/csv, wells, heatmaps and summary.json
 
 It runs (a), (b), (c) in rounds and prints the best images/s of each (on a shared
@@ -118,7 +118,9 @@ def prepare(args) -> tuple[list[Path], str]:
     """Synthetic plate images (cached) and an untrained checkpoint (cached)."""
     import torch
 
-    from protein_ray.model import ModelCard, create_model, save_checkpoint
+    from protein_ray.checkpoint import ModelCard, save_checkpoint
+    from protein_ray.imaging import Preprocessing
+    from protein_ray.model import create_model
     from protein_ray.synthetic import write_plate_dataset
 
     out = Path(args.out)
@@ -127,7 +129,7 @@ def prepare(args) -> tuple[list[Path], str]:
     checkpoint = out / f"checkpoint-{args.backbone}-{args.image_size}"
     if not (checkpoint / "config.json").exists():
         torch.manual_seed(0)
-        save_checkpoint(checkpoint, create_model(args.backbone), ModelCard(backbone=args.backbone, image_size=args.image_size))
+        save_checkpoint(checkpoint, create_model(args.backbone), ModelCard(backbone=args.backbone, preprocessing=Preprocessing(args.image_size)))
     files = sorted(Path(plate["out"]).rglob("*.png"))
     return files, str(checkpoint)
 
@@ -152,8 +154,8 @@ def model_alone(files, checkpoint, args) -> float:
 class FileDataset:
     """What a user writes: read, decode and preprocess one file per item."""
 
-    def __init__(self, files, size, mean, std):
-        self.files, self.size, self.mean, self.std = files, size, mean, std
+    def __init__(self, files, preprocessing):
+        self.files, self.preprocessing = files, preprocessing
 
     def __len__(self):
         return len(self.files)
@@ -161,7 +163,7 @@ class FileDataset:
     def __getitem__(self, i):
         from protein_ray.imaging import decode_image, preprocess_batch
 
-        return preprocess_batch([decode_image(self.files[i].read_bytes())], self.size, self.mean, self.std)[0]
+        return preprocess_batch([decode_image(self.files[i].read_bytes())], self.preprocessing)[0]
 
 
 def dataloader_loop(files, checkpoint, args) -> float:
@@ -172,7 +174,7 @@ def dataloader_loop(files, checkpoint, args) -> float:
 
     predictor = Predictor(checkpoint, device="cpu")
     predictor.predict_batch(np.zeros((1, 3, args.image_size, args.image_size), np.float32))  # same warm-up as (a)
-    dataset = FileDataset(files, predictor.card.image_size, predictor.card.mean, predictor.card.std)
+    dataset = FileDataset(files, predictor.preprocessing)
     started = time.perf_counter()
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.decode_workers)
     for batch in loader:
@@ -184,7 +186,7 @@ def our_pipeline(files, checkpoint, args) -> tuple[float, dict]:
     """(c) images/s of the whole job, and where its time went: start-up until the
     first part file, the steady rate from the first part file to the last, and the
     final outputs (predictions, wells, heatmaps, summary) after the last."""
-    from protein_ray.batch import PredictOptions, score
+    from protein_ray.scoring import PredictOptions, score
 
     output = Path(args.out) / "scores"
     started = time.time()

@@ -87,9 +87,11 @@ def load_result(process: subprocess.Popen, timeout_s: float) -> dict:
 
 
 def make_checkpoint(directory: Path, backbone: str, image_size: int) -> str:
-    from protein_ray.model import ModelCard, create_model, save_checkpoint
+    from protein_ray.checkpoint import ModelCard, save_checkpoint
+    from protein_ray.imaging import Preprocessing
+    from protein_ray.model import create_model
 
-    card = ModelCard(backbone=backbone, image_size=image_size, run_name="serve-benchmark (untrained)")
+    card = ModelCard(backbone=backbone, preprocessing=Preprocessing(image_size), run_name="serve-benchmark (untrained)")
     return str(save_checkpoint(directory / "epoch_001", create_model(backbone), card))
 
 
@@ -97,7 +99,7 @@ def make_image(path: Path) -> Path:
     """A 512x512 8-bit PNG like the real data (what the endpoint will be sent)."""
     from PIL import Image
 
-    from protein_ray.synthetic import render_field
+    from protein_ray.synthetic_cells import render_field
 
     pixels = render_field([4, 6], 512, np.random.default_rng(0))
     buffer = io.BytesIO()
@@ -267,7 +269,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from protein_ray.serve import free_port
+    from protein_ray.demo import free_port
 
     with tempfile.TemporaryDirectory() as scratch:
         checkpoint = make_checkpoint(Path(scratch), args.backbone, args.image_size)

@@ -28,7 +28,7 @@ def plain_pytorch_images_per_s(kaggle_root: Path, model_name: str, image_size: i
                                threads: int, epochs: int, predecoded: bool) -> float:
     import pandas as pd
 
-    from protein_ray.imaging import decode_image, preprocess_batch
+    from protein_ray.imaging import Preprocessing, decode_image, preprocess_batch
     from protein_ray.labels import multi_hot_matrix, parse_label_string
     from protein_ray.model import create_model
 
@@ -37,7 +37,7 @@ def plain_pytorch_images_per_s(kaggle_root: Path, model_name: str, image_size: i
     targets = multi_hot_matrix([parse_label_string(s) for s in table.Label])
 
     def load(i: int):
-        return preprocess_batch([decode_image(paths[i].read_bytes())], image_size)[0]
+        return preprocess_batch([decode_image(paths[i].read_bytes())], Preprocessing(image_size))[0]
 
     in_memory = [load(i) for i in range(len(paths))] if predecoded else None
 

@@ -13,6 +13,9 @@ import json
 import logging
 import sys
 
+from protein_ray.runtime import configure_logging
+from protein_ray.scoring.options import PredictOptions
+
 logger = logging.getLogger("protein_ray")
 
 
@@ -133,17 +136,97 @@ def build_parser() -> argparse.ArgumentParser:
         description="Protein localisation classification on Ray: synthetic data, shards, training, "
         "bulk scoring and serving.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, Ray's own logs included (or set PROTEIN_RAY_VERBOSE=1)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_command in COMMANDS:
         add_command(commands)
     return parser
 
 
-def add_predict_command(commands) -> None:
-    from protein_ray.batch import add_predict_command as add  # defined beside the job it runs
+def run_predict(args: argparse.Namespace) -> None:
+    from protein_ray.scoring import ErrorRateExceeded, score
+    from protein_ray.scoring.job import format_summary
 
-    add(commands)
+    options = PredictOptions.from_args(args)
+    try:
+        summary = score(options)
+    except ErrorRateExceeded as error:
+        print(format_summary(error.summary))
+        raise
+    print(format_summary(summary))
+
+
+OUTPUTS_HELP = """\
+outputs (under --output):
+  predictions.parquet, predictions.csv  one row per input image: image_id, source,
+        plate, well, field, prob_<class> per class, labels (Kaggle ids), error
+        (empty, or why the image was not scored), error_detail
+  wells.parquet, wells.csv   per well: images scored/failed, mean_prob_<class>,
+        frac_pos_<class> (when file names carry plate and well)
+  heatmaps/<plate>/<class>.png  fraction of positive fields per well
+  submission.csv  Kaggle Image,Label (Kaggle test split, or --submission)
+  embeddings.parquet  penultimate-layer features (--embeddings)
+  summary.json    counts, failures by reason, skipped files, images/s, model
+  parts/, job.json  the job's progress: rerun the same command to continue it
+"""
+
+
+def add_predict_command(commands) -> None:
+    defaults = PredictOptions.defaults()
+    parser = commands.add_parser(
+        "predict",
+        help="score images in bulk with Ray Data: per-image predictions, per-well tables, plate heatmaps",
+        description="Score Parquet shards, a Kaggle root, a folder of images or a plate-scan folder (merged RGB "
+        "or one file per stain; 8/16-bit PNG, TIFF, JPEG), local or s3://. Decoding runs in CPU tasks, the "
+        "model on an actor pool (GPU when present). Every image gets one output row: probabilities or the "
+        "reason it failed. Rerunning the same command on the same --output continues an interrupted job.",
+        epilog=OUTPUTS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--checkpoint", required=True, metavar="URI",
+                        help="checkpoint directory, or a run folder for its best epoch (local or s3://)")
+    parser.add_argument("--input", required=True, action="append", dest="inputs", metavar="URI",
+                        help="shards root, Kaggle root, image/plate folder or image file (repeatable)")
+    parser.add_argument("--output", required=True, metavar="URI", help="output folder (local or s3://)")
+    parser.add_argument("--split", default=None,
+                        help="split of a Kaggle root or shards to score (default: test, else the only split)")
+    parser.add_argument("--pattern", default=None, metavar="REGEX",
+                        help="file-name pattern with named groups plate, well, field[, stain] "
+                        "(default: <plate>_<well>_f<field>[_red|_green|_blue].<ext>)")
+    parser.add_argument("--batch-size", type=int, default=defaults["batch_size"],
+                        help=f"images per model call (default {defaults['batch_size']})")
+    parser.add_argument("--actors", type=int, default=None, help="model actors (default: one per GPU, else 1)")
+    parser.add_argument("--num-gpus", type=float, default=None,
+                        help="GPUs per model actor (default: 1 if the cluster has GPUs, else 0)")
+    parser.add_argument("--cpus-per-actor", type=float, default=defaults["cpus_per_actor"],
+                        help=f"logical CPUs per model actor (default {defaults['cpus_per_actor']:g})")
+    parser.add_argument("--threads-per-actor", type=int, default=None,
+                        help="torch threads per CPU model actor (default: the node's cores / actors)")
+    parser.add_argument("--decode-tasks", type=int, default=None,
+                        help="at most this many decode tasks at once (default: as many as free CPUs allow)")
+    parser.add_argument("--decode-batch", type=int, default=defaults["decode_batch"],
+                        help=f"images per decoded block (default {defaults['decode_batch']})")
+    parser.add_argument("--chunk-size", type=int, default=defaults["chunk_size"],
+                        help=f"images per part file, the unit a rerun skips (default {defaults['chunk_size']})")
+    parser.add_argument("--tta", action="store_true", help="average flips and a 90-degree turn (4x the compute)")
+    parser.add_argument("--embeddings", action="store_true",
+                        help="also write penultimate-layer features per image (embeddings.parquet)")
+    parser.add_argument("--max-pixels", type=int, default=defaults["max_pixels"],
+                        help=f"refuse images with more pixels than this (default {defaults['max_pixels']:,})")
+    parser.add_argument("--max-error-rate", type=float, default=defaults["max_error_rate"],
+                        help=f"exit non-zero when more than this fraction of images fail (default "
+                        f"{defaults['max_error_rate']}); outputs are written either way")
+    parser.add_argument("--allow-empty", action="store_true",
+                        help="let an image have no label (default: at least its most probable class)")
+    parser.add_argument("--submission", action="store_true",
+                        help="write submission.csv for every image (automatic for a Kaggle test split)")
+    parser.add_argument("--no-heatmaps", dest="heatmaps", action="store_false", help="skip the plate heatmaps")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete this job's earlier outputs at --output and start afresh")
+    add_address_option(parser)
+    parser.set_defaults(handler=run_predict)
+
 
 
 COMMANDS = [add_synth_command, add_shard_command, add_train_command, add_predict_command]
@@ -151,10 +234,7 @@ COMMANDS = [add_synth_command, add_shard_command, add_train_command, add_predict
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.verbose)
     try:
         args.handler(args)
     except (ValueError, OSError) as error:  # our input errors carry a message meant for the user

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import warnings
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import tifffile
@@ -27,6 +28,34 @@ TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 # Channel statistics of the real Kaggle PNGs on a 0-1 scale (DESIGN.md section 9).
 HPA_MEAN = (0.079, 0.053, 0.054)
 HPA_STD = (0.149, 0.113, 0.156)
+HPA_STAINS = ("red", "green", "blue")  # microtubules, protein of interest, nucleus
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a decoded image becomes the model's input: the one description that
+    training writes into every checkpoint and that collation, bulk scoring, Serve
+    and ``Predictor`` all take."""
+
+    image_size: int
+    mean: tuple[float, ...] = HPA_MEAN
+    std: tuple[float, ...] = HPA_STD
+    stains: tuple[str, ...] = HPA_STAINS  # channel order of the model's input
+
+    def __post_init__(self):
+        # JSON gives lists; frozen dataclasses compare (and hash) only with tuples.
+        for name in ("mean", "std", "stains"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if not len(self.mean) == len(self.std) == len(self.stains):
+            raise ValueError(f"mean, std and stains differ in length: {self.mean}, {self.std}, {self.stains}")
+
+    @property
+    def channels(self) -> int:
+        return len(self.stains)
+
+    def to_dict(self) -> dict:
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+
 
 
 class ImageDecodeError(ValueError):
@@ -128,18 +157,33 @@ def to_rgb_float(pixels: np.ndarray) -> np.ndarray:
 
 
 def merge_channels(stains: Sequence[bytes], max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Per-stain grayscale files (red, green, blue order) -> float32 (H, W, 3)."""
-    planes = []
-    for data in stains:
-        pixels = decode_raw(data, max_pixels)
-        if pixels.ndim == 3 and pixels.shape[-1] in (3, 4):
-            pixels = pixels[..., 0]  # a grey image saved as RGB carries the same value thrice
-        if pixels.ndim != 2:
-            raise ImageDecodeError("channels", f"a stain file has shape {tuple(pixels.shape)}; expected one channel")
-        planes.append(scale_to_unit(pixels))
+    """Per-stain grayscale files (in the model's stain order) -> float32 (H, W, C)."""
+    return scale_to_unit(stack_stains(stains, max_pixels))
+
+
+def stack_stains(stains: Sequence[bytes], max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Per-stain grayscale files -> one integer (H, W, C) array, losslessly.
+
+    The one stain-merge path: scoring scales this array to 0..1 and the shard
+    writer encodes it, so both give the same tensor. Stains of mixed depth share
+    the 16-bit scale: an 8-bit plane is multiplied by 257, which maps 255 to 65535
+    and keeps ``x / 255 == 257 x / 65535`` exactly."""
+    planes = [_stain_plane(decode_raw(data, max_pixels)) for data in stains]
     if len({p.shape for p in planes}) != 1:
         raise ImageDecodeError("shape_mismatch", f"stain files differ in size: {[p.shape for p in planes]}")
-    return np.stack(planes, axis=-1)
+    if all(p.dtype == np.uint8 for p in planes):
+        return np.stack(planes, axis=-1)
+    for plane in planes:
+        scale_to_unit(plane[:1, :1])  # refuses pixel types that are neither 8- nor 16-bit
+    return np.stack([p.astype(np.uint16) * (257 if p.dtype == np.uint8 else 1) for p in planes], axis=-1)
+
+
+def _stain_plane(pixels: np.ndarray) -> np.ndarray:
+    if pixels.ndim == 3 and pixels.shape[-1] in (3, 4):
+        pixels = pixels[..., 0]  # a grey image saved as RGB carries the same value thrice
+    if pixels.ndim != 2:
+        raise ImageDecodeError("channels", f"a stain file has shape {tuple(pixels.shape)}; expected one channel")
+    return pixels
 
 
 def resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -150,21 +194,15 @@ def resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
-def preprocess_batch(
-    images: Sequence[np.ndarray],
-    size: int,
-    mean: Sequence[float] = HPA_MEAN,
-    std: Sequence[float] = HPA_STD,
-    augment_rng: np.random.Generator | None = None,
-) -> np.ndarray:
-    """Float (H, W, 3) images on 0..1 -> normalized float32 array (N, 3, size, size):
+def preprocess_batch(images: Sequence[np.ndarray], spec: Preprocessing) -> np.ndarray:
+    """Float (H, W, C) images on 0..1 -> normalized float32 array (N, C, size, size):
     ``resize_images`` then ``normalize_batch``. Training calls the two steps apart so
     that it can cache the resized images and augment them afresh every epoch."""
-    return normalize_batch(resize_images(images, size), mean, std, augment_rng)
+    return normalize_batch(resize_images(images, spec.image_size), spec)
 
 
 def resize_images(images: Sequence[np.ndarray], size: int) -> np.ndarray:
-    """Float (H, W, 3) images on 0..1 -> float32 array (N, 3, size, size) on 0..1."""
+    """Float (H, W, C) images on 0..1 -> float32 array (N, C, size, size) on 0..1."""
     resized = [
         resize_batch(torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None], size)[0]
         for img in images
@@ -172,20 +210,15 @@ def resize_images(images: Sequence[np.ndarray], size: int) -> np.ndarray:
     return torch.stack(resized).numpy() if resized else np.empty((0, 3, size, size), np.float32)
 
 
-def normalize_batch(
-    batch: np.ndarray,
-    mean: Sequence[float] = HPA_MEAN,
-    std: Sequence[float] = HPA_STD,
-    augment_rng: np.random.Generator | None = None,
-) -> np.ndarray:
-    """(N, 3, S, S) on 0..1 -> normalized float32. With ``augment_rng`` (training only)
+def normalize_batch(batch: np.ndarray, spec: Preprocessing, augment_rng: np.random.Generator | None = None) -> np.ndarray:
+    """(N, C, S, S) on 0..1 -> normalized float32. With ``augment_rng`` (training only)
     each image is augmented first, on the 0..1 scale, so intensity changes mean what
     they say."""
     if augment_rng is not None:
         batch = augment_batch(batch, augment_rng)
-    mean_a = np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)
-    std_a = np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
-    return ((batch - mean_a) / std_a).astype(np.float32)
+    mean = np.asarray(spec.mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(spec.std, dtype=np.float32).reshape(1, -1, 1, 1)
+    return ((batch - mean) / std).astype(np.float32)
 
 
 def augment_batch(batch: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from protein_ray.imaging import ImageDecodeError, decode_image, preprocess_batch
-from protein_ray.labels import CLASS_NAMES
+from protein_ray.checkpoint import ModelCard, load_checkpoint
+from protein_ray.imaging import ImageDecodeError, Preprocessing, decode_image, preprocess_batch
 from protein_ray.metrics import apply_thresholds
-from protein_ray.model import ModelCard, autocast_context, load_checkpoint
+from protein_ray.model import autocast_context
 
 logger = logging.getLogger(__name__)
 
@@ -55,22 +55,26 @@ class Predictor:
         logger.info("loaded %s (%s, %d px) on %s", checkpoint, self.card.backbone, self.card.image_size, self.device)
 
     @property
-    def image_size(self) -> int:
-        return self.card.image_size
+    def preprocessing(self) -> Preprocessing:
+        return self.card.preprocessing
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.card.class_names)
 
     def set_thresholds(self, thresholds: Sequence[float]) -> None:
         thresholds = np.asarray(thresholds, dtype=np.float32)
-        if thresholds.shape != (len(CLASS_NAMES),) or not ((0 < thresholds) & (thresholds < 1)).all():
-            raise ValueError(f"thresholds must be {len(CLASS_NAMES)} numbers strictly between 0 and 1")
+        if thresholds.shape != (self.num_classes,) or not ((0 < thresholds) & (thresholds < 1)).all():
+            raise ValueError(f"thresholds must be {self.num_classes} numbers strictly between 0 and 1")
         self.thresholds = thresholds
 
     def preprocess(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """Decoded float images -> normalized (N, 3, S, S) with the checkpoint's settings."""
-        return preprocess_batch(images, self.card.image_size, self.card.mean, self.card.std)
+        """Decoded float images -> normalized (N, C, S, S) with the checkpoint's settings."""
+        return preprocess_batch(images, self.preprocessing)
 
     @torch.inference_mode()
     def predict_batch(self, batch: np.ndarray) -> np.ndarray:
-        """Preprocessed (N, 3, S, S) -> probabilities (N, 10)."""
+        """Preprocessed (N, C, S, S) -> probabilities (N, classes)."""
         tensor = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
         views = tta_views(tensor) if self.tta else [tensor]
         with self.autocast:

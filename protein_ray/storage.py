@@ -16,6 +16,8 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 S3_PREFIX = "s3://"
+# Present in a folder while it is being written; removed last, so a crash never looks finished.
+INCOMPLETE_MARKER = "_INCOMPLETE"
 
 
 class StorageError(OSError):

@@ -35,6 +35,7 @@ import tifffile
 from PIL import Image
 from tqdm.auto import tqdm
 
+from protein_ray import storage
 from protein_ray.labels import format_label_string, parse_label_string
 from protein_ray.synthetic_cells import render_field
 
@@ -44,7 +45,6 @@ logger = logging.getLogger(__name__)
 GENERATOR_VERSION = 1
 MANIFEST = "synthetic.json"
 STAINS = ("red", "green", "blue")  # HPA's per-channel file suffixes
-INCOMPLETE_MARKER = "_INCOMPLETE"
 # Streams of the seed: each split/purpose draws from its own SeedSequence branch.
 TRAIN, TEST, PLATE, TRAIN_LABELS, TEST_LABELS, PLATE_LABELS, EXPORT, EXPORT_LABELS = range(8)
 
@@ -150,10 +150,10 @@ def _staging(out: Path) -> Iterator[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
-    (tmp / INCOMPLETE_MARKER).write_text("generation did not finish\n")
+    (tmp / storage.INCOMPLETE_MARKER).write_text("generation did not finish\n")
     try:
         yield tmp
-        (tmp / INCOMPLETE_MARKER).unlink()
+        (tmp / storage.INCOMPLETE_MARKER).unlink()
         old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
         if out.exists():
             out.rename(old)  # keep the old one until the new one is in place

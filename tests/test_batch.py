@@ -19,10 +19,15 @@ import tifffile
 import torch
 from PIL import Image
 
-from protein_ray import batch, storage
-from protein_ray.model import ModelCard, create_model, save_checkpoint
+from protein_ray import storage
+from protein_ray.checkpoint import ModelCard, save_checkpoint
+from protein_ray.demo import score_demo_plate
+from protein_ray.imaging import Preprocessing
+from protein_ray.model import create_model
 from protein_ray.plates import PROB_COLUMNS, compare_with_planted, plate_format, well_table
 from protein_ray.predictor import Predictor
+from protein_ray.scoring.outputs import submission_frame
+from protein_ray.scoring.parts import PartWriter
 from protein_ray.synthetic import write_kaggle_dataset, write_plate_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +41,7 @@ def tiny_checkpoint(tmp_path_factory) -> str:
     """An untrained test_resnet at 64 px: fast, and its outputs vary with the image."""
     torch.manual_seed(0)
     directory = tmp_path_factory.mktemp("checkpoint")
-    save_checkpoint(directory, create_model("test_resnet"), ModelCard(backbone="test_resnet", image_size=64))
+    save_checkpoint(directory, create_model("test_resnet"), ModelCard(backbone="test_resnet", preprocessing=Preprocessing(image_size=64)))
     return str(directory)
 
 
@@ -306,8 +311,7 @@ def test_a_killed_job_continues_where_it_stopped(tmp_path, tiny_checkpoint, pred
 @pytest.mark.slow
 @pytest.mark.ray
 def test_trained_model_per_well_results_follow_the_planted_composition(tmp_path, smoke_checkpoint, ray_session):
-    summary = batch.score_demo_plate(smoke_checkpoint, str(tmp_path), wells=96, fields=2, size=128, seed=11,
-                                     chunk_size=64)
+    summary = score_demo_plate(smoke_checkpoint, str(tmp_path), wells=96, fields=2, size=128, seed=11, chunk_size=64)
     assert summary["images"] == 192 and summary["failed"] == 0
     agreement = pd.DataFrame(summary["planted_vs_predicted"]).set_index("class")
     # The smoke model (a tiny network, 3 epochs at 64 px) is weak overall, but the two most
@@ -345,9 +349,9 @@ def test_submission_keeps_every_id_and_fills_failed_images():
     predictions = pd.DataFrame({"image_id": ["a", "b", "c"], **{c: [0.1, 0.2, np.nan] for c in PROB_COLUMNS},
                                 "labels": ["4", "", None], "error": [None, None, "truncated"]})
     predictions["prob_cytosol"] = [0.8, 0.9, np.nan]
-    filled = batch.submission_frame(predictions, ["c", "b", "a"], allow_empty=False)
+    filled = submission_frame(predictions, ["c", "b", "a"], allow_empty=False)
     assert filled.to_dict("list") == {"Image": ["c", "b", "a"], "Label": ["6", "", "4"]}
-    assert batch.submission_frame(predictions, ["c"], allow_empty=True)["Label"].tolist() == [""]
+    assert submission_frame(predictions, ["c"], allow_empty=True)["Label"].tolist() == [""]
 
 
 def test_compare_with_planted_measures_separation():
@@ -361,12 +365,10 @@ def test_compare_with_planted_measures_separation():
 
 
 def test_predict_help_documents_the_options(capsys):
-    import argparse
+    from protein_ray.cli import build_parser
 
-    parser = argparse.ArgumentParser(prog="protein-ray")
-    batch.add_predict_command(parser.add_subparsers())
     with pytest.raises(SystemExit):
-        parser.parse_args(["predict", "--help"])
+        build_parser().parse_args(["predict", "--help"])
     text = capsys.readouterr().out
     for option in ("--checkpoint", "--input", "--output", "--num-gpus", "--batch-size", "--actors", "--tta",
                    "--embeddings", "--max-error-rate", "--max-pixels", "--allow-empty", "--overwrite",
@@ -374,16 +376,10 @@ def test_predict_help_documents_the_options(capsys):
         assert option in text
 
 
-def test_max_pixels_default_matches_imaging():
-    from protein_ray import imaging
-
-    assert batch.MAX_PIXELS == imaging.MAX_PIXELS
-
-
 def test_part_writer_writes_each_chunk_once_without_duplicate_rows(tmp_path):
     index = pd.DataFrame({"image_id": [f"i{n}" for n in range(5)], "source": "x", "plate": None, "well": None,
                           "field": pd.array([None] * 5, dtype="Int32")})
-    writer = batch.PartWriter(index, chunk_size=3, chunks=[0, 1], parts=str(tmp_path))
+    writer = PartWriter(index, chunk_size=3, chunks=[0, 1], parts=str(tmp_path))
 
     def results(rows, error=""):
         n = len(rows)
@@ -402,3 +398,35 @@ def test_part_writer_writes_each_chunk_once_without_duplicate_rows(tmp_path):
     assert part["error"].fillna("").tolist() == ["", "empty", ""]
     assert len(pd.read_parquet(tmp_path / "part-000001.parquet")) == 2
     assert not list(tmp_path.glob("*.tmp-*"))
+
+
+@pytest.mark.parametrize(
+    "cluster, options, expected",
+    [
+        ({"CPU": 8.0}, {}, (1, 0.0)),  # no GPU: one CPU actor
+        ({"CPU": 16.0, "GPU": 4.0}, {}, (4, 1.0)),  # one actor per GPU
+        ({"CPU": 16.0, "GPU": 4.0}, {"num_gpus": 0.5}, (8, 0.5)),  # two actors share each GPU
+        ({"CPU": 16.0, "GPU": 4.0}, {"actors": 2}, (2, 1.0)),
+    ],
+)
+def test_resource_plan_follows_the_cluster(cluster, options, expected):
+    from protein_ray.scoring import PredictOptions
+    from protein_ray.scoring.pipeline import plan_resources
+
+    plan = plan_resources(PredictOptions("c", ["i"], "o", **options), cluster, 50 * 2**20, Preprocessing(64))
+    assert (plan.actors, plan.num_gpus) == expected
+    assert plan.actor_memory > 3 * 50 * 2**20  # the weights, their copy while loading, and a batch
+
+
+def test_resource_plan_refuses_what_the_cluster_cannot_give():
+    from protein_ray.scoring import PredictJobError, PredictOptions
+    from protein_ray.scoring.pipeline import plan_resources
+
+    with pytest.raises(PredictJobError, match="cluster has 0 GPU"):
+        plan_resources(PredictOptions("c", ["i"], "o", num_gpus=1), {"CPU": 4.0}, 1, Preprocessing(64))
+    with pytest.raises(PredictJobError, match="leave no CPU .* for decoding"):
+        plan_resources(PredictOptions("c", ["i"], "o", actors=2, cpus_per_actor=2), {"CPU": 4.0}, 1,
+                       Preprocessing(64))
+    small, tta = (plan_resources(PredictOptions("c", ["i"], "o", tta=t), {"CPU": 4.0}, 1, Preprocessing(512))
+                  for t in (False, True))
+    assert tta.actor_memory > small.actor_memory  # four views of each batch are held at once

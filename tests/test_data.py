@@ -10,20 +10,20 @@ import tifffile
 from PIL import Image
 
 from protein_ray import storage
-from protein_ray.data import (
-    INCOMPLETE_MARKER,
-    DataSourceError,
-    image_folder_index,
-    kaggle_index,
-    read_shards,
-    stratified_split,
-    write_shards,
-)
+from protein_ray.data import dataset_of, stratified_split, write_shards
+from protein_ray.inputs import DataSourceError, image_folder_index, kaggle_index, resolve_input
 from protein_ray.labels import LabelError
+from protein_ray.shards import ShardFormatError
+from protein_ray.storage import INCOMPLETE_MARKER
 
 pytestmark = pytest.mark.ray
 
 LABEL_SETS = ["4", "6 4", "0", "7 6", "2", "9 4", "1", "3 6", "8", "5 2"]
+
+
+def read_shards(uri: str, split: str | None = None):
+    """A Ray Dataset of a shard root's rows, the way every command reads them."""
+    return dataset_of(resolve_input(uri, split))
 
 
 def png_bytes(seed: int, size: int = 24) -> bytes:
@@ -55,7 +55,7 @@ def assert_round_trip(root, shard_uri):
     for image_id, expected in index.iterrows():
         assert rows.loc[image_id, "image"] == (root / "train" / f"{image_id}.png").read_bytes()
         assert list(rows.loc[image_id, "labels"]) == expected["labels"]
-        assert rows.loc[image_id, "source"] == expected["source"]
+        assert rows.loc[image_id, "source"] == expected["sources"][0]
     test_rows = read_shards(shard_uri, "test").to_pandas()
     assert len(test_rows) == 6 and test_rows["labels"].isna().all()
 
@@ -178,7 +178,7 @@ def test_non_image_file_fails_shard_and_leaves_it_marked_incomplete(ray_session,
         write_shards(str(root), str(tmp_path / "shards"))
     assert (tmp_path / "shards" / INCOMPLETE_MARKER).exists()
     assert not (tmp_path / "shards" / "manifest.json").exists()
-    with pytest.raises(DataSourceError, match="did not finish"):
+    with pytest.raises(ShardFormatError, match="did not finish"):
         read_shards(str(tmp_path / "shards"))
 
 

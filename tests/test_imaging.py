@@ -11,9 +11,12 @@ from protein_ray.imaging import (
     HPA_MEAN,
     HPA_STD,
     ImageDecodeError,
+    Preprocessing,
     decode_image,
     merge_channels,
+    normalize_batch,
     preprocess_batch,
+    resize_images,
 )
 
 
@@ -125,7 +128,7 @@ def test_stains_of_different_sizes_are_refused():
 
 def test_preprocess_resizes_and_normalizes(rgb8):
     image = decode_image(encode(rgb8, "PNG"))
-    batch = preprocess_batch([image, image], size=24)
+    batch = preprocess_batch([image, image], Preprocessing(image_size=24))
     assert batch.shape == (2, 3, 24, 24) and batch.dtype == np.float32
     mean_pixel = image.reshape(-1, 3).mean(axis=0)
     expected = (mean_pixel - np.array(HPA_MEAN)) / np.array(HPA_STD)
@@ -134,10 +137,28 @@ def test_preprocess_resizes_and_normalizes(rgb8):
 
 def test_augmentation_keeps_content_and_varies(rgb8):
     image = decode_image(encode(rgb8[:40, :40], "PNG"))
-    plain = preprocess_batch([image], size=40)[0]
+    spec = Preprocessing(image_size=40)
+    plain = preprocess_batch([image], spec)[0]
     rng = np.random.default_rng(1)
-    augmented = [preprocess_batch([image], size=40, augment_rng=rng)[0] for _ in range(8)]
+    augmented = [normalize_batch(resize_images([image], 40), spec, augment_rng=rng)[0] for _ in range(8)]
     assert any(not np.allclose(a, plain) for a in augmented)
     for a in augmented:  # a turn/flip and a brightness scale never change the value histogram's shape much
         assert a.shape == plain.shape
         assert abs(np.corrcoef(np.sort(a.ravel()), np.sort(plain.ravel()))[0, 1]) > 0.99
+
+
+def test_mixed_8_and_16_bit_stains_give_one_tensor_in_shards_and_in_scoring(real_nucleus_tif):
+    """Shards store merged stains re-encoded; scoring merges the files directly.
+    Both go through stack_stains, so the model sees the same numbers."""
+    from protein_ray.data import encode_merged_rgb
+    from protein_ray.imaging import stack_stains
+
+    nucleus = tifffile.imread(io.BytesIO(real_nucleus_tif))
+    red8 = np.random.default_rng(0).integers(0, 256, nucleus.shape, dtype=np.uint8)
+    green8 = (nucleus >> 8).astype(np.uint8)
+    stains = [encode(red8, "PNG"), encode(green8, "PNG"), encode(nucleus, "TIFF")]
+    scored = merge_channels(stains)
+    from_shard = decode_image(encode_merged_rgb(stack_stains(stains)))
+    np.testing.assert_array_equal(from_shard, scored)
+    np.testing.assert_allclose(scored[..., 0], red8 / 255.0, atol=1e-7)  # 8-bit keeps its 0..1 meaning
+    np.testing.assert_allclose(scored[..., 2], nucleus / 65535.0, atol=1e-7)

@@ -15,8 +15,10 @@ import tifffile
 import yaml
 from conftest import ROOT, encode, free_port
 
+from protein_ray.checkpoint import CheckpointError, ModelCard, save_checkpoint
+from protein_ray.imaging import Preprocessing
 from protein_ray.labels import CLASS_NAMES
-from protein_ray.model import CheckpointError, ModelCard, create_model, save_checkpoint
+from protein_ray.model import create_model
 from protein_ray.predictor import Predictor
 
 pytestmark = pytest.mark.ray
@@ -34,7 +36,7 @@ def tiny_checkpoint(directory: Path, image_size: int = 64, macro_f1: float = 0.1
     import torch
 
     torch.manual_seed(seed)
-    card = ModelCard(backbone="test_resnet", image_size=image_size, metrics={"macro_f1": macro_f1})
+    card = ModelCard(backbone="test_resnet", preprocessing=Preprocessing(image_size=image_size), metrics={"macro_f1": macro_f1})
     return str(save_checkpoint(directory, create_model("test_resnet"), card))
 
 
@@ -105,7 +107,8 @@ def base_args(checkpoints) -> dict:
     return {"checkpoint": checkpoints["main"], "max_body_bytes": MAX_BODY, "max_images": MAX_IMAGES, "max_pixels": MAX_PIXELS}
 
 
-BASE_USER_CONFIG = {"max_batch_size": 8}
+# A generous batch wait, so that requests sent together are batched even on a busy machine.
+BASE_USER_CONFIG = {"max_batch_size": 8, "batch_wait_timeout_s": 0.1}
 
 
 @pytest.fixture(scope="module")
@@ -179,9 +182,15 @@ def test_multipart_keeps_order_and_names(client):
 def test_concurrent_requests_are_batched_and_all_answered(client):
     from concurrent.futures import ThreadPoolExecutor
 
+    before = client.get("/model").json()["batch_sizes"]
     with ThreadPoolExecutor(8) as pool:
         statuses = list(pool.map(lambda seed: post_image(client, rgb_png(seed)).status_code, range(24)))
     assert statuses == [200] * 24
+    after = client.get("/model").json()["batch_sizes"]
+    ran = {int(size): count - before.get(size, 0) for size, count in after.items()}
+    assert sum(size * count for size, count in ran.items()) == 24  # every image scored once
+    assert max(size for size, count in ran.items() if count) > 1, ran  # and some together
+    assert max(ran) <= 8  # never past max_batch_size
 
 
 # --------------------------------------------------------------------------
@@ -344,7 +353,7 @@ def test_missing_checkpoint_says_how_to_make_one(tmp_path, monkeypatch):
 
 
 def test_checkpoint_from_env_and_best_epoch_of_a_run(tmp_path, monkeypatch):
-    from protein_ray.serve import resolve_checkpoint
+    from protein_ray.checkpoint import resolve_checkpoint
 
     run = tmp_path / "runs" / "demo" / "train" / "cpu-demo"
     for epoch, f1 in [(1, 0.2), (2, 0.6), (3, 0.4)]:
@@ -386,10 +395,29 @@ def test_http_matches_predictor_on_trained_checkpoint(client, serve_port, smoke_
 
 
 def test_serve_demo_prediction_returns_the_json(client, checkpoints, tmp_path):
-    from protein_ray.serve import serve_demo_prediction
+    from protein_ray.demo import serve_demo_prediction
 
     image = tmp_path / "cell.png"
     image.write_bytes(rgb_png(5))
     result = serve_demo_prediction(checkpoints["main"], str(image))
     assert_prediction_shape(result["predictions"][0])
     assert client.get("/healthz").status_code == 200  # the running app was left alone
+
+
+def test_serve_config_yaml_states_the_code_defaults():
+    """serve_config.yaml spells the defaults out for users; they must be the code's."""
+    import yaml
+
+    from protein_ray import defaults
+    from protein_ray.serve import AppArgs
+
+    [app] = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"]
+    args = AppArgs.model_validate(app["args"])
+    assert args == AppArgs(checkpoint=args.checkpoint)  # every arg in the file is the default
+    deployments = {d["name"]: d for d in app["deployments"]}
+    ingress, classifier = deployments["ProteinApi"], deployments["ProteinClassifier"]
+    assert ingress["max_ongoing_requests"] == defaults.INGRESS_MAX_ONGOING_REQUESTS
+    assert ingress["autoscaling_config"]["max_replicas"] == defaults.INGRESS_MAX_REPLICAS
+    assert classifier["autoscaling_config"]["max_replicas"] == defaults.CLASSIFIER_MAX_REPLICAS
+    assert classifier["user_config"]["max_batch_size"] == defaults.SERVE_MAX_BATCH_SIZE
+    assert classifier["user_config"]["batch_wait_timeout_s"] == defaults.SERVE_BATCH_WAIT_S

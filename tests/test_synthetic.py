@@ -16,7 +16,7 @@ import tifffile
 from PIL import Image
 from scipy import ndimage
 
-from protein_ray import cli, synthetic, synthetic_exports
+from protein_ray import cli, storage, synthetic, synthetic_exports
 from protein_ray.labels import NUM_CLASSES, multi_hot_matrix, parse_label_string
 from protein_ray.synthetic_cells import _build_field, render_field, render_stains
 
@@ -84,7 +84,7 @@ def test_kaggle_layout(kaggle):
     assert len({row["Image"] for row in train + submission}) == 17
     with Image.open(kaggle / "train" / f"{train[0]['Image']}.png") as image:
         assert (image.format, image.mode, image.size) == ("PNG", "RGB", (64, 64))
-    assert not (kaggle / synthetic.INCOMPLETE_MARKER).exists()
+    assert not (kaggle / storage.INCOMPLETE_MARKER).exists()
     assert not list(kaggle.parent.glob(".*partial*"))  # the staging folder is gone
 
 

@@ -2,22 +2,17 @@
 
 import threading
 import time
-from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import history, smoke_config
 
-from protein_ray.config import ConfigError, TrainingConfig, load_config
+from protein_ray.checkpoint import ModelCard, load_checkpoint, read_model_card, save_checkpoint
+from protein_ray.config import ConfigError, load_config
+from protein_ray.imaging import Preprocessing
 from protein_ray.labels import CLASS_NAMES
-from protein_ray.model import (
-    ModelCard,
-    create_model,
-    load_checkpoint,
-    read_model_card,
-    save_checkpoint,
-)
+from protein_ray.model import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,8 +25,15 @@ def test_cpu_demo_preset_is_the_embedded_default():
 
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
-def test_every_preset_loads(preset):
-    assert isinstance(load_config(ROOT / "configs" / preset), TrainingConfig)
+def test_every_preset_sets_what_its_file_says(preset):
+    import yaml
+
+    config = load_config(ROOT / "configs" / preset)
+    document = yaml.safe_load((ROOT / "configs" / preset).read_text())
+    assert document, "an empty preset"
+    for section, values in document.items():
+        for key, value in values.items():
+            assert getattr(getattr(config, section), key) == value, f"{section}.{key}"
 
 
 def test_overrides_are_typed():
@@ -69,7 +71,7 @@ def test_missing_config_file():
 def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     torch.manual_seed(0)
     model = create_model("test_resnet").eval()
-    card = ModelCard(backbone="test_resnet", image_size=64, thresholds=[0.3] * 10, metrics={"macro_f1": 0.5}, epoch=2)
+    card = ModelCard(backbone="test_resnet", preprocessing=Preprocessing(image_size=64), thresholds=[0.3] * 10, metrics={"macro_f1": 0.5}, epoch=2)
     save_checkpoint(tmp_path / "ckpt", model, card, training_state={"epoch": 2})
     assert {p.name for p in (tmp_path / "ckpt").iterdir()} == {"model.safetensors", "config.json", "training_state.pt"}
     rebuilt, loaded_card = load_checkpoint(str(tmp_path / "ckpt"))
@@ -84,7 +86,7 @@ def test_checkpoint_loads_from_s3(tmp_path, s3_bucket):
     from protein_ray import storage
 
     model = create_model("test_resnet").eval()
-    save_checkpoint(tmp_path / "ckpt", model, ModelCard(backbone="test_resnet", image_size=64))
+    save_checkpoint(tmp_path / "ckpt", model, ModelCard(backbone="test_resnet", preprocessing=Preprocessing(image_size=64)))
     for path in (tmp_path / "ckpt").iterdir():
         storage.write_bytes(f"{s3_bucket}/ckpt/{path.name}", path.read_bytes())
     rebuilt, card = load_checkpoint(f"{s3_bucket}/ckpt")
@@ -183,7 +185,7 @@ def test_killed_worker_restarts_from_latest_checkpoint(ray_session, tmp_path_fac
 
 
 def test_missing_dataset_path_fails_before_workers(ray_session, tmp_path):
-    from protein_ray.train import TrainingDataError, prepare_datasets
+    from protein_ray.train_data import TrainingDataError, prepare_datasets
 
     config = load_config(None, [f"data.path={tmp_path / 'nowhere'}"])
     with pytest.raises(TrainingDataError, match="does not exist"):
@@ -193,7 +195,8 @@ def test_missing_dataset_path_fails_before_workers(ray_session, tmp_path):
 @pytest.mark.parametrize("cache_gib", [4.0, 0.0], ids=["cached", "streamed"])
 def test_corrupt_training_images_are_counted_then_fatal_past_the_limit(ray_session, tmp_path, cache_gib):
     from protein_ray import synthetic
-    from protein_ray.train import TrainingDataError, collate_batch, prepare_datasets
+    from protein_ray.train import BatchCollator
+    from protein_ray.train_data import TrainingDataError, prepare_datasets
 
     root = tmp_path / "kaggle"
     synthetic.write_kaggle_dataset(root, n_train=30, n_test=2, size=64, seed=1, workers=1, progress=False)
@@ -202,7 +205,7 @@ def test_corrupt_training_images_are_counted_then_fatal_past_the_limit(ray_sessi
     settings = [f"data.path={root}", "data.image_size=32", f"data.cache_decoded_gib={cache_gib}"]
     datasets, train_count, bad = prepare_datasets(load_config(None, [*settings, "data.max_bad_fraction=0.1"]))
     assert bad == 1
-    batches = {name: list(data.iter_torch_batches(batch_size=8, collate_fn=partial(collate_batch, augment=True)))
+    batches = {name: list(data.iter_torch_batches(batch_size=8, collate_fn=BatchCollator(Preprocessing(image_size=32), augment=True)))
                for name, data in datasets.items()}
     ok = torch.cat([b["ok"] for split in batches.values() for b in split])
     assert len(ok) == 30 and ok.sum() == 29  # the bad image is kept, weighted 0 by the loss
@@ -214,3 +217,43 @@ def test_corrupt_training_images_are_counted_then_fatal_past_the_limit(ray_sessi
         prepare_datasets(load_config(None, [*settings, "data.max_bad_fraction=0.0"]))
 
 
+
+
+# ------------------------------------------------------- losses and schedules --
+
+
+def test_focal_loss_is_bce_at_gamma_zero_and_discounts_easy_examples():
+    from protein_ray.train import focal_loss
+
+    logits = torch.tensor([[4.0, -4.0, 0.0, 4.0]])
+    targets = torch.tensor([[1.0, 0.0, 1.0, 0.0]])  # easy, easy, uncertain, confidently wrong
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    torch.testing.assert_close(focal_loss(logits, targets, gamma=0.0), bce)
+    ratio = (focal_loss(logits, targets, gamma=2.0) / bce)[0]
+    assert ratio[0] < 0.001 and ratio[1] < 0.001  # easy examples nearly vanish
+    assert ratio[2] == pytest.approx(0.25)  # p = 0.5: (1 - 0.5)^2
+    assert ratio[3] > 0.95  # a confident mistake keeps almost its whole loss
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
+def test_restored_optimizer_and_schedule_continue_where_they_stopped(schedule):
+    from protein_ray.config import OptimConfig
+    from protein_ray.train import build_optimizer, restore_optimizer
+
+    optim = OptimConfig(epochs=4, lr=0.01, schedule=schedule)
+    model = torch.nn.Linear(3, 2)
+    optimizer, scheduler = build_optimizer(model, optim, steps_per_epoch=5)
+    for _ in range(10):  # two epochs
+        model(torch.randn(4, 3)).sum().backward()
+        optimizer.step()
+        scheduler.step()
+    saved = optimizer.state_dict()
+
+    fresh_model = torch.nn.Linear(3, 2)
+    fresh_optimizer, fresh_scheduler = build_optimizer(fresh_model, optim, steps_per_epoch=5)
+    restore_optimizer(fresh_optimizer, fresh_scheduler, saved, steps=10)
+    assert fresh_scheduler.get_last_lr() == pytest.approx(scheduler.get_last_lr())
+    assert fresh_optimizer.param_groups[0]["lr"] == pytest.approx(optimizer.param_groups[0]["lr"])
+    state = fresh_optimizer.state_dict()["state"]
+    torch.testing.assert_close(state[0]["exp_avg"], saved["state"][0]["exp_avg"])
+    assert int(state[0]["step"]) == 10

@@ -1,0 +1,19 @@
+"""Defaults that more than one module uses, declared once.
+
+No heavy imports here: the command line reads these for ``--help``.
+"""
+
+# Files decoded by bulk scoring and training: room for large plate fields while
+# refusing decompression bombs before any pixel is allocated.
+MAX_PIXELS = 40_000_000
+
+# Serve: one uploaded image. Tighter than for files, because a replica holds the
+# images of many requests at once.
+SERVE_MAX_PIXELS = 4096 * 4096
+SERVE_MAX_BODY_BYTES = 64 * 1024 * 1024
+SERVE_MAX_IMAGES = 16  # per multipart request
+SERVE_MAX_BATCH_SIZE = 16  # images per model call (@serve.batch)
+SERVE_BATCH_WAIT_S = 0.01
+INGRESS_MAX_ONGOING_REQUESTS = 64
+INGRESS_MAX_REPLICAS = 4
+CLASSIFIER_MAX_REPLICAS = 2

@@ -1,0 +1,272 @@
+"""One input resolver: whatever a user points a command at becomes one typed index.
+
+Training (``data.path``), ``protein-ray shard`` and ``protein-ray predict`` all call
+``resolve_input``. It recognises (DESIGN.md section 2):
+
+- a shard root (``manifest.json``): splits are its folders;
+- a Kaggle root (``train.csv`` and/or ``submission.csv``): splits ``train``, ``test``;
+- a folder of images, recursively: plate scans (merged, or one file per stain) or
+  plain images: split ``images``;
+- a single image file: split ``images``.
+
+and returns an ``InputIndex``: one row per image, in a stable order, with its
+metadata and where its bytes are. Indexing happens on the driver from listings
+and CSVs, so bad input is reported with the file or CSV row before any
+distributed work starts; bytes are read later, by Ray tasks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import posixpath
+import re
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from protein_ray import shards, storage
+from protein_ray.imaging import HPA_STAINS
+from protein_ray.labels import parse_label_string
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+# <plate>_<well>_<field>[_<stain>].<ext>, e.g. P001_B07_f3.png or P001_B07_f3_green.tif
+DEFAULT_PLATE_PATTERN = (
+    r"(?P<plate>[A-Za-z0-9-]+)_(?P<well>[A-Pa-p]\d{1,2})_f?(?P<field>\d+)"
+    r"(?:_(?P<stain>red|green|blue|yellow))?\.(?:png|tiff?|jpe?g)$"
+)
+KAGGLE_CSV = {"train": "train.csv", "test": "submission.csv"}
+# Columns of every index, whatever the input: bytes come from ``sources`` (files,
+# several for per-stain images) or from ``shard_file`` at ``shard_row``.
+COLUMNS = ("image_id", "labels", "plate", "well", "field", "source", "sources", "shard_file", "shard_row")
+MISSING_STAIN = "<missing {} stain>"  # stands in ``sources`` for a stain file that is not there
+
+
+class DataSourceError(ValueError):
+    """Input data that cannot be used; the message names the file or CSV row."""
+
+
+@dataclass
+class InputIndex:
+    """Every image of one or more inputs, one row each (``COLUMNS``)."""
+
+    rows: pd.DataFrame
+    skipped: list[str] = field(default_factory=list)  # files that are not images by name
+    submission_ids: list[str] = field(default_factory=list)  # Kaggle test ids, in submission.csv order
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for image_id, source in zip(self.rows["image_id"], self.rows["source"]):
+            digest.update(f"{image_id}\t{source}\n".encode())
+        return digest.hexdigest()
+
+    @property
+    def unlabelled(self) -> int:
+        return int(self.rows["labels"].isna().sum())
+
+
+# ------------------------------------------------------------------ the resolver --
+
+
+def available_splits(uri: str) -> list[str]:
+    """The splits ``uri`` offers: a shard root's folders, a Kaggle root's train/test,
+    else ``["images"]``."""
+    if is_shard_root(uri):
+        return list(shards.read_manifest(uri)["counts"])
+    if is_kaggle_root(uri):
+        return [split for split, csv in KAGGLE_CSV.items() if storage.exists(storage.join(uri, csv))]
+    return ["images"]
+
+
+def choose_split(available: list[str], requested: str | None, uri: str) -> str:
+    """``requested`` if offered; by default the test split, else the only one."""
+    if requested:
+        if requested not in available:
+            raise DataSourceError(f"{uri} has splits {available}, not {requested!r}")
+        return requested
+    for preferred in ("test", "images"):
+        if preferred in available:
+            return preferred
+    return available[0]
+
+
+def resolve_input(uri: str, split: str | None = None, pattern: str | None = None) -> InputIndex:
+    """One input (shards, Kaggle root, image/plate folder or image file) -> its index."""
+    uri = storage.absolute(uri)
+    if not storage.exists(uri):
+        raise DataSourceError(f"{uri}: does not exist")
+    chosen = choose_split(available_splits(uri), split, uri)
+    if is_shard_root(uri):
+        rows = shard_index(uri, chosen)
+    elif is_kaggle_root(uri):
+        rows = kaggle_index(uri, chosen)
+    elif not storage.is_dir(uri):
+        rows = pd.DataFrame({"image_id": [PurePosixPath(uri).stem], "sources": [[uri]]})
+    else:
+        rows, skipped = image_folder_index(uri, pattern or DEFAULT_PLATE_PATTERN)
+        return InputIndex(complete_columns(rows), skipped=skipped)
+    rows = complete_columns(rows)
+    return InputIndex(rows, submission_ids=rows["image_id"].tolist() if chosen == "test" else [])
+
+
+def resolve_inputs(uris: list[str], split: str | None = None, pattern: str | None = None) -> InputIndex:
+    """Several inputs, concatenated in the order given."""
+    parts = [resolve_input(uri, split, pattern) for uri in uris]
+    rows = pd.concat([p.rows for p in parts], ignore_index=True)
+    rows["field"] = rows["field"].astype("Int32")
+    duplicated = rows["image_id"].duplicated()
+    if duplicated.any():
+        logger.warning("%d image ids occur more than once (e.g. %s); each is scored", duplicated.sum(),
+                       rows.loc[duplicated, "image_id"].iloc[0])
+    return InputIndex(rows, [s for p in parts for s in p.skipped], [i for p in parts for i in p.submission_ids])
+
+
+def complete_columns(rows: pd.DataFrame) -> pd.DataFrame:
+    """Any index frame -> exactly ``COLUMNS``; ``source`` is the original's URI (the
+    stain files, space-separated, for merged stains)."""
+    frame = rows.copy()
+    for column, default in (("labels", None), ("plate", None), ("well", None), ("field", None),
+                            ("sources", None), ("shard_file", None), ("shard_row", -1)):
+        if column not in frame:
+            frame[column] = default
+    if "source" not in frame:
+        frame["source"] = frame["sources"].map(" ".join)
+    frame["field"] = frame["field"].astype("Int32")
+    return frame[list(COLUMNS)]
+
+
+# --------------------------------------------------------------------- shards --
+
+
+def is_shard_root(uri: str) -> bool:
+    return shards.is_shard_root(uri)
+
+
+def shard_index(root: str, split: str) -> pd.DataFrame:
+    """Only the small columns are read here; image bytes are read by Ray tasks."""
+    shards.read_manifest(root)  # refuses a shard folder whose writing did not finish
+    fs, _ = storage.resolve(root)
+    frames = []
+    for uri in shards.list_shard_files(storage.join(root, split)):
+        table = pq.read_table(storage.resolve(uri)[1], columns=list(shards.INDEX_COLUMNS), filesystem=fs)
+        frame = table.to_pandas()
+        frame["shard_file"], frame["shard_row"] = uri, np.arange(len(frame))
+        frames.append(frame)
+    if not frames:
+        raise DataSourceError(f"{root}: no Parquet files in split {split!r}")
+    frame = pd.concat(frames, ignore_index=True)
+    frame["labels"] = [None if labels is None else [int(i) for i in labels] for labels in frame["labels"]]
+    return frame
+
+
+# --------------------------------------------------------------------- Kaggle --
+
+
+def is_kaggle_root(root: str) -> bool:
+    return any(storage.exists(storage.join(root, csv)) for csv in KAGGLE_CSV.values())
+
+
+def read_csv(uri: str, required: tuple[str, ...]) -> pd.DataFrame:
+    try:
+        table = pd.read_csv(io.BytesIO(storage.read_bytes(uri)), dtype=str, keep_default_na=False)
+    except storage.StorageError:
+        raise
+    except Exception as error:
+        raise DataSourceError(f"{uri}: not a readable CSV ({error})") from None
+    missing = [c for c in required if c not in table.columns]
+    if missing:
+        raise DataSourceError(
+            f"{uri}: missing column(s) {missing}; found {list(table.columns)}, expected {list(required)}"
+        )
+    return table
+
+
+def _image_files_by_stem(folder: str) -> dict[str, str]:
+    return {
+        PurePosixPath(uri).stem: uri
+        for uri in storage.list_files(folder, recursive=False)
+        if uri.lower().endswith(IMAGE_SUFFIXES)
+    }
+
+
+def kaggle_index(root: str, split: str = "train") -> pd.DataFrame:
+    """Rows (image_id, labels, sources) of a Kaggle root's ``train`` or ``test`` split.
+
+    ``train`` takes labels from ``train.csv``; ``test`` takes ids from
+    ``submission.csv`` and has unknown labels. A CSV row whose image is missing,
+    a bad label or a missing column is an error naming the row.
+    """
+    csv_name = KAGGLE_CSV[split]
+    required = ("Image", "Label") if split == "train" else ("Image",)
+    table = read_csv(storage.join(root, csv_name), required)
+    files = _image_files_by_stem(storage.join(root, split))
+    rows = []
+    for number, record in enumerate(table.itertuples(index=False), start=2):  # row 1 is the header
+        image_id = str(record.Image)
+        where = f"{csv_name} line {number} (image {image_id})"
+        if image_id not in files:
+            raise DataSourceError(f"{where}: no image file {split}/{image_id}.png (or .tif/.jpg) in {root}")
+        labels = parse_label_string(record.Label, row=where) if split == "train" else None
+        rows.append({"image_id": image_id, "labels": labels, "sources": [files[image_id]]})
+    if not rows:
+        raise DataSourceError(f"{csv_name} in {root} lists no images")
+    return pd.DataFrame(rows)
+
+
+# -------------------------------------------------------------- image folders --
+
+
+def image_folder_index(folder: str, pattern: str = DEFAULT_PLATE_PATTERN) -> tuple[pd.DataFrame, list[str]]:
+    """Index a plate-scan folder (or any folder of images), recursively.
+
+    Returns ``(index, skipped)``: one index row per field image, with ``sources``
+    listing one merged file or the stain files in the model's stain order;
+    ``skipped`` lists files that are not images by name. Files that do not match
+    ``pattern`` become their own image (no plate/well). A field missing a stain
+    keeps the stains it has; decoding it later reports what is missing.
+    """
+    matcher = re.compile(pattern)
+    groups: dict[str, dict] = {}
+    skipped = []
+    for uri in storage.list_files(folder, recursive=True):
+        name = posixpath.basename(uri)
+        if name.startswith(".") or name in (shards.MANIFEST, storage.INCOMPLETE_MARKER) or name.endswith(".csv"):
+            continue
+        if not name.lower().endswith(IMAGE_SUFFIXES):
+            skipped.append(uri)
+            continue
+        match = matcher.search(name)
+        if match is None:
+            groups[PurePosixPath(name).stem] = {"image_id": PurePosixPath(name).stem, "stains": {"rgb": uri}}
+            continue
+        plate, well, field_number = match["plate"], match["well"].upper(), int(match["field"])
+        well = f"{well[0]}{int(well[1:]):02d}"
+        image_id = f"{plate}_{well}_f{field_number}"
+        group = groups.setdefault(
+            image_id, {"image_id": image_id, "plate": plate, "well": well, "field": field_number, "stains": {}}
+        )
+        group["stains"][match["stain"] or "rgb"] = uri
+    if not groups:
+        raise DataSourceError(f"{folder}: no image files found (looked for {', '.join(IMAGE_SUFFIXES)})")
+    index = pd.DataFrame([_index_row(g) for g in groups.values()]).sort_values("image_id", ignore_index=True)
+    return index, skipped
+
+
+def _index_row(group: dict) -> dict:
+    stains = group.pop("stains")
+    if "rgb" in stains:
+        sources = [stains["rgb"]]
+    else:  # per-stain files; a yellow (ER) stain is not used by this model
+        sources = [stains.get(s, MISSING_STAIN.format(s)) for s in HPA_STAINS]
+    return {"plate": None, "well": None, "field": None, **group, "labels": None, "sources": sources}
+
+
+def missing_stains(sources: list[str]) -> list[str]:
+    """The stain names that ``image_folder_index`` marked as missing in ``sources``."""
+    return [uri.strip("<>").split()[1] for uri in sources if uri.startswith("<missing")]
