@@ -186,7 +186,8 @@ def our_pipeline(files, checkpoint, args) -> tuple[float, dict]:
     """(c) images/s of the whole job, and where its time went: start-up until the
     first part file, the steady rate from the first part file to the last, and the
     final outputs (predictions, wells, heatmaps, summary) after the last."""
-    from protein_ray.scoring import PredictOptions, score
+    from protein_ray.scoring.job import score
+    from protein_ray.scoring.options import PredictOptions
 
     output = Path(args.out) / "scores"
     started = time.time()

@@ -145,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_predict(args: argparse.Namespace) -> None:
-    from protein_ray.scoring import ErrorRateExceeded, score
-    from protein_ray.scoring.job import format_summary
+    from protein_ray.scoring.job import format_summary, score
+    from protein_ray.scoring.options import ErrorRateExceeded
 
     options = PredictOptions.from_args(args)
     try:

@@ -27,7 +27,8 @@ from protein_ray import storage
 from protein_ray.config import load_config
 from protein_ray.plates import compare_with_planted
 from protein_ray.runtime import configure_logging, init_ray
-from protein_ray.scoring import PredictOptions, score
+from protein_ray.scoring.job import score
+from protein_ray.scoring.options import PredictOptions
 from protein_ray.serve import build_app
 from protein_ray.synthetic import write_plate_dataset
 from protein_ray.train import run_training

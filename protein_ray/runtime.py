@@ -1,4 +1,11 @@
-"""Joining or starting Ray, and the console, the same way from every entry point."""
+"""Joining or starting Ray, and the console, the same way from every entry point.
+
+Quiet by default: our progress lines (epochs, parts written, summaries) and
+warnings that matter. ``--verbose`` or ``PROTEIN_RAY_VERBOSE=1`` brings back Ray's
+own logs and progress bars. Most of Ray's chatter comes from worker processes and
+reaches the driver as forwarded text, so it is quieted inside the workers (a
+``worker_process_setup_hook`` and environment variables), not by driver log levels.
+"""
 
 from __future__ import annotations
 
@@ -8,21 +15,56 @@ import os
 logger = logging.getLogger(__name__)
 
 VERBOSE_ENV = "PROTEIN_RAY_VERBOSE"
-# Ray's own loggers that print routine internals at INFO or WARNING on a healthy run.
-QUIET_LOGGERS = ("ray", "ray.data", "ray.train", "ray.serve", "ray.tune", "filelock")
+# Ray Train's placement-group cleaner asks the State API every second whether the
+# controller lives; without a dashboard that API is absent and each check warns.
+CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+CLEANER_NOISE = "Failed to query Ray Train Controller actor state"
+
+
+def is_verbose(flag: bool = False) -> bool:
+    return flag or os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false")
 
 
 def configure_logging(verbose: bool = False) -> bool:
-    """Our INFO lines on the console, Ray's internals only when ``verbose`` (or
-    ``$PROTEIN_RAY_VERBOSE``) asks for them. Returns whether verbose is on."""
-    verbose = verbose or os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false")
+    """Our INFO lines on the console; Ray's internals only when verbose. Returns
+    whether verbose is on (and exports it, so Ray workers see the same)."""
+    verbose = is_verbose(verbose)
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s" if verbose
                         else "%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    if not verbose:
-        for name in QUIET_LOGGERS:
-            logging.getLogger(name).setLevel(logging.ERROR)
     return verbose
+
+
+class _DropCleanerNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return CLEANER_NOISE not in record.getMessage()
+
+
+def setup_worker_logging() -> None:
+    """Runs in every worker process of a local instance (Ray's worker_process_setup_hook)."""
+    import ray
+
+    logging.getLogger(CLEANER_LOGGER).addFilter(_DropCleanerNoise())
+    # State API clients in workers must query this instance, not guess among several.
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    if not is_verbose():
+        # Ray Train logs every report with all its metrics at INFO; they are in history.jsonl.
+        import ray.train.v2._internal.execution.context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
+def quiet_data_context(verbose: bool) -> None:
+    """Ray Data's progress bars and "Starting execution" lines only when verbose."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = verbose
+    context.print_on_execution_start = verbose
+    if not verbose:  # Ray Data sets its logger's level when imported: set it after
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: bool | None = None) -> None:
@@ -32,17 +74,20 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
     process's Ray. Idempotent: a driver already connected is reused."""
     import ray
 
+    verbose = is_verbose(bool(verbose))
+    quiet_data_context(verbose)
     if ray.is_initialized():
         return
-    if verbose is None:
-        verbose = os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false")
-    quiet = {} if verbose else {"logging_level": logging.WARNING}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True, **quiet)
+        ray.init(address=address, log_to_driver=True)
         return
-    # No dashboard: on a small machine its processes, polled every second by Ray Train's
-    # placement-group cleaner, cost more CPU than training can spare. (For the
-    # dashboard, start a cluster with `ray start --head` and pass its address.)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, **quiet)
+    env_vars = {VERBOSE_ENV: "1"} if verbose else {"RAY_DATA_LOG_LEVEL": "ERROR"}
+    # A private instance is never preempted; Train's watcher would only log an error line.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # No dashboard: on a small machine its processes cost more CPU than training can
+    # spare. (For the dashboard, start a cluster with `ray start --head` and pass its address.)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+             logging_level=logging.INFO if verbose else logging.WARNING,
+             runtime_env={"worker_process_setup_hook": setup_worker_logging, "env_vars": env_vars})
     logger.info("started a local Ray instance with %s CPUs", ray.cluster_resources().get("CPU"))

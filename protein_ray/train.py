@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import tempfile
 import time
 import warnings
@@ -36,6 +37,7 @@ from protein_ray.config import OptimConfig, TrainingConfig
 from protein_ray.imaging import Preprocessing, normalize_batch
 from protein_ray.metrics import evaluate
 from protein_ray.model import autocast_context, create_model, unwrap
+from protein_ray.runtime import is_verbose
 
 logger = logging.getLogger(__name__)
 
@@ -289,6 +291,7 @@ def train_loop_per_worker(job: TrainJob) -> None:
 def build_trainer(job: TrainJob, datasets: dict):
     from functools import partial
 
+    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -306,6 +309,8 @@ def build_trainer(job: TrainJob, datasets: dict):
             storage_path=storage_path,
             storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
+            # Train's own INFO lines (resources requested, worker group started) only when verbose.
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if is_verbose() else "WARNING"),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=config.run.keep_checkpoints,
                 checkpoint_score_attribute=BEST_METRIC,
@@ -314,19 +319,19 @@ def build_trainer(job: TrainJob, datasets: dict):
         ),
         datasets=datasets,
         # Validation runs on rank 0 over the whole set, so only "train" is split.
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        # Execution options given explicitly: Train's default copies a deprecated field.
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"],
+                                            execution_options=ray.data.DataContext.get_current().execution_options),
     )
 
 
 def run_training(config: TrainingConfig) -> str:
     """Train as configured; return the URI of the best checkpoint (by macro F1)."""
-    import ray.data
-
     from protein_ray.plots import write_training_plots
     from protein_ray.train_data import prepare_datasets
 
-    # Epoch lines are our progress output; Ray Data's per-dataset bars would bury them.
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    # Workers' epoch lines once, not twice (Train's print patch writes to stdout and stderr).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     run_uri = storage.absolute(storage.join(config.run.storage_path, config.run.name))
     datasets, train_count, _ = prepare_datasets(config)
     storage.write_text(storage.join(run_uri, "config.yaml"), config.to_yaml())

@@ -410,7 +410,7 @@ def test_part_writer_writes_each_chunk_once_without_duplicate_rows(tmp_path):
     ],
 )
 def test_resource_plan_follows_the_cluster(cluster, options, expected):
-    from protein_ray.scoring import PredictOptions
+    from protein_ray.scoring.options import PredictOptions
     from protein_ray.scoring.pipeline import plan_resources
 
     plan = plan_resources(PredictOptions("c", ["i"], "o", **options), cluster, 50 * 2**20, Preprocessing(64))
@@ -419,7 +419,7 @@ def test_resource_plan_follows_the_cluster(cluster, options, expected):
 
 
 def test_resource_plan_refuses_what_the_cluster_cannot_give():
-    from protein_ray.scoring import PredictJobError, PredictOptions
+    from protein_ray.scoring.options import PredictJobError, PredictOptions
     from protein_ray.scoring.pipeline import plan_resources
 
     with pytest.raises(PredictJobError, match="cluster has 0 GPU"):

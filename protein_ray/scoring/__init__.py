@@ -19,9 +19,8 @@ file exists and writes only the rest; ``--overwrite`` starts afresh.
 Decoding and preprocessing call the one path of ``protein_ray.imaging`` with the
 checkpoint's ``Preprocessing``, exactly what ``Predictor.preprocess`` does, so a
 job's probabilities equal the Predictor's (and Serve's) for the same bytes.
+
+Entry points: ``protein_ray.scoring.job.score(PredictOptions(...))`` with
+``protein_ray.scoring.options.PredictOptions`` (the CLI's ``protein-ray predict``).
+This package imports nothing itself, so the CLI reads the options without torch.
 """
-
-from protein_ray.scoring.job import score
-from protein_ray.scoring.options import ErrorRateExceeded, PredictJobError, PredictOptions
-
-__all__ = ["ErrorRateExceeded", "PredictJobError", "PredictOptions", "score"]

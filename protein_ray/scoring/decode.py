@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from protein_ray import storage
-from protein_ray.imaging import ImageDecodeError, Preprocessing, decode_image, merge_channels, preprocess_batch
+from protein_ray.imaging import ImageDecodeError, Preprocessing, decode_image, preprocess_batch
 from protein_ray.inputs import missing_stains
 
 READ_THREADS = 8  # concurrent reads per decode task
@@ -71,15 +71,14 @@ def fetch_encoded(item: dict, shard_images: dict[int, bytes]) -> list[bytes] | E
         return error
 
 
-def decode_encoded(encoded: list[bytes] | Exception, max_pixels: int) -> tuple[np.ndarray | None, str, str]:
+def decode_encoded(encoded: list[bytes] | Exception, preprocessing: Preprocessing,
+                   max_pixels: int) -> tuple[np.ndarray | None, str, str]:
     """(float image, "", "") or (None, reason, detail). One merged file is decoded;
     per-stain files are merged in the model's stain order."""
     try:
         if isinstance(encoded, Exception):
             raise encoded
-        if len(encoded) == 1:
-            return decode_image(encoded[0], max_pixels), "", ""
-        return merge_channels(encoded, max_pixels), "", ""
+        return decode_image(encoded, preprocessing.stains, max_pixels), "", ""
     except ImageDecodeError as error:
         return None, error.reason, error.args[0]
     except storage.StorageError as error:
@@ -93,7 +92,7 @@ def decode_rows(work: list[dict], shard_images: dict[int, bytes], preprocessing:
     """Work rows -> one output row each: preprocessed pixels, or zeros and an error."""
     with ThreadPoolExecutor(min(READ_THREADS, len(work))) as pool:
         encoded = list(pool.map(lambda item: fetch_encoded(item, shard_images), work))
-    outcomes = [decode_encoded(data, max_pixels) for data in encoded]
+    outcomes = [decode_encoded(data, preprocessing, max_pixels) for data in encoded]
     good = [i for i, (image, _, _) in enumerate(outcomes) if image is not None]
     pixels = preprocess_batch([outcomes[i][0] for i in good], preprocessing)
     if len(good) < len(work):

@@ -75,8 +75,6 @@ def plan_resources(options: PredictOptions, cluster: dict, checkpoint_bytes: int
 
 def scoring_dataset(work_items: list[dict], options: PredictOptions, card: ModelCard, resources: Resources):
     """The lazy Ray Dataset: chunk items -> decoded rows (tasks) -> probabilities (actors)."""
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # the driver prints one progress line per part instead
     items = ray.data.from_items(work_items, override_num_blocks=len(work_items))
     decoded = items.map_batches(
         decode_chunks,
