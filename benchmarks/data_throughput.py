@@ -30,13 +30,14 @@ def shard_rates(kaggle: Path, shards: Path) -> tuple[float, float, float]:
     """(write images/s, read images/s, encoded MB per image) through Ray Data."""
     from protein_ray.data import dataset_of, write_shards
     from protein_ray.inputs import resolve_input
+    from protein_ray.sources import InputOptions
 
     started = time.perf_counter()
     write_shards(str(kaggle), str(shards))
     write_seconds = time.perf_counter() - started
     started = time.perf_counter()
     rows, encoded = 0, 0
-    for batch in dataset_of(resolve_input(str(shards), "train")).iter_batches(batch_size=64, batch_format="pyarrow"):
+    for batch in dataset_of(resolve_input(str(shards), InputOptions(split="train"))).iter_batches(batch_size=64, batch_format="pyarrow"):
         rows += batch.num_rows
         encoded += sum(len(image) for image in batch.column("image").to_pylist())
     read_seconds = time.perf_counter() - started

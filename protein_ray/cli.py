@@ -71,9 +71,16 @@ def add_synth_command(commands) -> None:
 def run_shard(args: argparse.Namespace) -> None:
     from protein_ray.data import write_shards
     from protein_ray.runtime import init_ray
+    from protein_ray.sources import InputOptions, parse_channel_map
+    from protein_ray.spec import load_spec
 
+    spec = load_spec(args.spec)
+    options = InputOptions(layout=args.layout, pattern=args.pattern, stains=spec.stain_names,
+                           channel_map=parse_channel_map(args.channel_map, spec.stain_names),
+                           num_classes=len(spec.classes), labels_csv=args.labels)
     init_ray(args.address)
-    summary = write_shards(args.src, args.dst, rows_per_file=args.rows_per_file, overwrite=args.overwrite)
+    summary = write_shards(args.src, args.dst, rows_per_file=args.rows_per_file, overwrite=args.overwrite,
+                           options=options, classes=spec.classes)
     print(
         f"wrote {summary.splits} images in {summary.files} Parquet file(s) in {summary.seconds:.1f} s "
         f"({summary.images_per_s:.0f} images/s)"
@@ -90,6 +97,11 @@ def add_shard_command(commands) -> None:
     )
     parser.add_argument("src", help="Kaggle root (train.csv, train/, test/) or a folder of images")
     parser.add_argument("dst", help="output folder or s3:// URI")
+    parser.add_argument("--spec", default="hpa-z2g",
+                        help="classes and stains: hpa-z2g (default), hpa-rgby, hpa-2018 or a spec YAML file")
+    parser.add_argument("--labels", default=None, metavar="CSV",
+                        help="plate folders: labels per well or field (columns plate, well[, field], labels)")
+    add_layout_options(parser)
     parser.add_argument("--rows-per-file", type=int, default=1000, help="images per Parquet file (default 1000)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing shards at DST")
     add_address_option(parser)
@@ -123,6 +135,19 @@ def add_train_command(commands) -> None:
                         help="override one setting, e.g. --set model.name=resnet34 --set optim.epochs=20 (repeatable)")
     add_address_option(parser)
     parser.set_defaults(handler=run_train)
+
+
+def add_layout_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--layout", default="auto", choices=["auto", "kaggle", "plate", "imagexpress", "phenix"],
+                        help="how folders of images are named (default: auto, the layout most files match): plate "
+                        "= <plate>_<well>_f<field>[_<stain>].<ext>; imagexpress = <plate>_<well>_s<site>_w<N>.TIF; "
+                        "phenix = <plate>/Images/r<RR>c<CC>f<FF>p<PP>-ch<N>sk1fk1fl1.tiff")
+    parser.add_argument("--pattern", default=None, metavar="REGEX",
+                        help="any other naming: a regex with named groups plate, well (or row and column), "
+                        "field, optional plane, and stain (a name) or channel (a number)")
+    parser.add_argument("--channel-map", default=None, metavar="N=STAIN,...",
+                        help="which file channel is which stain, e.g. 1=blue,2=green,3=red,4=yellow "
+                        "(default: channel N is the model's N-th stain)")
 
 
 def add_address_option(parser: argparse.ArgumentParser) -> None:
@@ -191,9 +216,10 @@ def add_predict_command(commands) -> None:
     parser.add_argument("--output", required=True, metavar="URI", help="output folder (local or s3://)")
     parser.add_argument("--split", default=None,
                         help="split of a Kaggle root or shards to score (default: test, else the only split)")
-    parser.add_argument("--pattern", default=None, metavar="REGEX",
-                        help="file-name pattern with named groups plate, well, field[, stain] "
-                        "(default: <plate>_<well>_f<field>[_red|_green|_blue].<ext>)")
+    add_layout_options(parser)
+    parser.add_argument("--bit-depth", type=int, default=None, metavar="BITS",
+                        help="read 16-bit files as BITS-bit data, e.g. 12 for 12-bit cameras (0..4095 -> 0..1); "
+                        "default: the checkpoint's (the file's own depth)")
     parser.add_argument("--batch-size", type=int, default=defaults["batch_size"],
                         help=f"images per model call (default {defaults['batch_size']})")
     parser.add_argument("--actors", type=int, default=None, help="model actors (default: one per GPU, else 1)")

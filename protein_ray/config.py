@@ -24,9 +24,19 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    # Shards root, Kaggle root or image folder (local or s3://). Empty: the embedded
+    # Shards root, Kaggle root or plate folder (local or s3://). Empty: the embedded
     # synthetic data set, generated into ``synthetic_dir`` on first use.
     path: str = ""
+    # Classes and stains: a preset (hpa-z2g, hpa-rgby, hpa-2018) or a spec YAML file (protein_ray/spec.py).
+    spec: str = "hpa-z2g"
+    # Plate folders: a CSV of labels per well or field (plate, well[, field], labels), how the
+    # files are named (auto, plate, imagexpress, phenix) or a regex, and which channel is which stain.
+    labels: str = ""
+    layout: str = "auto"
+    pattern: str = ""
+    channel_map: str = ""
+    # 16-bit files hold this many bits of data (12 for most cameras); 0: the spec's (the file's depth).
+    bit_depth: int = 0
     synthetic_dir: str = "runs/data/synthetic"
     synthetic_train: int = 3000
     synthetic_size: int = 256
@@ -154,6 +164,7 @@ def validate(config: TrainingConfig) -> None:
         (0 < config.data.val_fraction < 1, "data.val_fraction must be between 0 and 1"),
         (0 <= config.data.max_bad_fraction < 1, "data.max_bad_fraction must be in [0, 1)"),
         (config.data.synthetic_train >= 20, "data.synthetic_train must be at least 20"),
+        (config.data.bit_depth == 0 or 8 <= config.data.bit_depth <= 16, "data.bit_depth must be 0 or 8..16"),
         (config.optim.epochs >= 1, "optim.epochs must be at least 1"),
         (config.optim.batch_size >= 2, "optim.batch_size must be at least 2 (batch norm needs 2)"),
         (config.optim.lr > 0, "optim.lr must be positive"),
@@ -167,6 +178,16 @@ def validate(config: TrainingConfig) -> None:
         if not ok:
             raise ConfigError(message)
     _check_backbone(config.model.name)
+    _check_spec(config.data.spec)
+
+
+def _check_spec(name_or_path: str) -> None:
+    from protein_ray.spec import SpecError, load_spec
+
+    try:
+        load_spec(name_or_path)
+    except SpecError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _check_backbone(name: str) -> None:

@@ -14,7 +14,8 @@ import json
 import logging
 import posixpath
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import PurePosixPath
 
 import numpy as np
@@ -24,8 +25,9 @@ from PIL import Image
 
 from protein_ray import shards, storage
 from protein_ray.imaging import ImageDecodeError, stack_stains
-from protein_ray.inputs import DataSourceError, InputIndex, available_splits, missing_stains, resolve_input
-from protein_ray.labels import CLASS_NAMES
+from protein_ray.inputs import InputIndex, available_splits, resolve_input
+from protein_ray.labels import CLASS_NAMES, multi_hot_matrix
+from protein_ray.sources import DataSourceError, InputOptions, missing_stains
 
 logger = logging.getLogger(__name__)
 
@@ -33,13 +35,17 @@ logger = logging.getLogger(__name__)
 # ---------------------------------------------------------------- loading -----
 
 
-def encode_merged_rgb(rgb: np.ndarray) -> bytes:
-    """Losslessly encode a merged (H, W, 3) integer image: PNG for 8-bit, TIFF for 16-bit."""
+def encode_merged(planes: np.ndarray) -> bytes:
+    """Losslessly encode merged stains (H, W, C): 3 stains as an RGB PNG (8-bit) or
+    TIFF (16-bit); any other count as a planar (C, H, W) TIFF, deflate-compressed."""
     buffer = io.BytesIO()
-    if rgb.dtype == np.uint8:
-        Image.fromarray(rgb, mode="RGB").save(buffer, format="PNG")
+    if planes.shape[-1] == 3 and planes.dtype == np.uint8:
+        Image.fromarray(planes, mode="RGB").save(buffer, format="PNG")
+    elif planes.shape[-1] == 3:
+        tifffile.imwrite(buffer, planes.astype(np.uint16), photometric="rgb")
     else:
-        tifffile.imwrite(buffer, rgb.astype(np.uint16), photometric="rgb")
+        tifffile.imwrite(buffer, np.moveaxis(planes, -1, 0), photometric="minisblack", planarconfig="separate",
+                         compression="zlib")
     return buffer.getvalue()
 
 
@@ -50,7 +56,7 @@ def load_encoded_image(sources: list[str]) -> bytes:
     missing = missing_stains(sources)
     if missing:
         raise ImageDecodeError("missing_stain", f"no {' or '.join(missing)} stain file next to {sources}")
-    return encode_merged_rgb(stack_stains([storage.read_bytes(uri) for uri in sources]))
+    return encode_merged(stack_stains([storage.read_bytes(uri) for uri in sources]))
 
 
 def check_image_header(data: bytes, source: str) -> None:
@@ -136,12 +142,14 @@ class ShardSummary:
         return sum(self.splits.values()) / max(self.seconds, 1e-9)
 
 
-def write_shards(src: str, dst: str, rows_per_file: int = 1000, overwrite: bool = False) -> ShardSummary:
+def write_shards(src: str, dst: str, rows_per_file: int = 1000, overwrite: bool = False,
+                 options: InputOptions = InputOptions(), classes: Sequence[str] = CLASS_NAMES) -> ShardSummary:
     """Convert a Kaggle root or an image/plate folder into Parquet shards at ``dst``.
 
     ``dst`` gets one folder per split plus ``manifest.json``. An ``_INCOMPLETE``
     marker exists while writing and is removed only after the manifest is written,
-    so a failed run never looks like a finished one.
+    so a failed run never looks like a finished one. ``options`` say how to read
+    the source (layout, stains, channel map); ``classes`` name the label ids.
     """
     started = time.perf_counter()
     if storage.exists(storage.join(dst, shards.MANIFEST)) and not overwrite:
@@ -149,10 +157,10 @@ def write_shards(src: str, dst: str, rows_per_file: int = 1000, overwrite: bool 
     src = storage.absolute(src)
     if not storage.exists(src):
         raise DataSourceError(f"{src}: does not exist")
-    indexes = {split: resolve_input(src, split) for split in available_splits(src)}
+    indexes = {split: resolve_input(src, replace(options, split=split)) for split in available_splits(src)}
     skipped = [uri for index in indexes.values() for uri in index.skipped]
     for name in skipped:
-        logger.warning("skipped (not an image by name): %s", name)
+        logger.warning("skipped: %s", name)
     if overwrite:
         storage.delete_dir(dst)
     storage.write_text(storage.join(dst, storage.INCOMPLETE_MARKER), f"shard writing from {src} started\n")
@@ -166,21 +174,22 @@ def write_shards(src: str, dst: str, rows_per_file: int = 1000, overwrite: bool 
             min_rows_per_file=min(rows_per_file, len(index.rows)),
         )
     files = sum(len(shards.list_shard_files(storage.join(dst, split))) for split in indexes)
-    manifest = build_manifest(src, {split: index.rows for split, index in indexes.items()}, skipped, files)
+    manifest = build_manifest(src, {split: index.rows for split, index in indexes.items()}, skipped, files, classes)
     storage.write_text(storage.join(dst, shards.MANIFEST), json.dumps(manifest, indent=2))
     storage.delete_file(storage.join(dst, storage.INCOMPLETE_MARKER))
     return ShardSummary(dst, manifest["counts"], files, time.perf_counter() - started)
 
 
-def build_manifest(src: str, indexes: dict[str, pd.DataFrame], skipped: list[str], files: int) -> dict:
+def build_manifest(src: str, indexes: dict[str, pd.DataFrame], skipped: list[str], files: int,
+                   classes: Sequence[str]) -> dict:
     def class_frequency(index: pd.DataFrame) -> dict[str, float] | None:
         known = [labels for labels in index["labels"] if labels is not None]
         if not known:
             return None
-        counts = np.zeros(len(CLASS_NAMES))
+        counts = np.zeros(len(classes))
         for labels in known:
             counts[list(labels)] += 1
-        return {name: round(float(c) / len(known), 4) for name, c in zip(CLASS_NAMES, counts)}
+        return {name: round(float(c) / len(known), 4) for name, c in zip(classes, counts)}
 
     return {
         "format": shards.FORMAT,
@@ -207,11 +216,10 @@ def stratified_split(
     """
     from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
 
-    from protein_ray.labels import multi_hot_matrix
-
     order = np.argsort(np.asarray(image_ids, dtype=object))
     ids = np.asarray(image_ids, dtype=object)[order]
-    targets = multi_hot_matrix([label_lists[i] for i in order])
+    num_classes = 1 + max((max(labels) for labels in label_lists if len(labels)), default=0)
+    targets = multi_hot_matrix([label_lists[i] for i in order], num_classes)
     splitter = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=val_fraction, random_state=seed)
     train_rows, val_rows = next(splitter.split(np.zeros(len(ids)), targets))
     return sorted(ids[train_rows].tolist()), sorted(ids[val_rows].tolist())

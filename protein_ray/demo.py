@@ -24,6 +24,7 @@ import pandas as pd
 from ray import serve
 
 from protein_ray import storage
+from protein_ray.checkpoint import read_model_card
 from protein_ray.config import load_config
 from protein_ray.plates import compare_with_planted
 from protein_ray.runtime import configure_logging, init_ray
@@ -102,7 +103,7 @@ def score_demo_plate(checkpoint: str, out: str, wells: int = 96, fields: int = 2
                                    **options))
     wells_table = pd.read_csv(summary["outputs"]["wells_csv"])
     planted = pd.read_csv(plate["wells_csv"], dtype=str, keep_default_na=False)
-    agreement = compare_with_planted(wells_table, planted)
+    agreement = compare_with_planted(wells_table, planted, read_model_card(summary["checkpoint"]).class_names)
     storage.write_text(storage.join(out, "scores", "planted_vs_predicted.csv"), agreement.to_csv(index=False))
     return {**summary, "plate_dir": plate["out"], "planted_vs_predicted": agreement.to_dict("records")}
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import tifffile
@@ -20,47 +20,55 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from protein_ray.spec import HPA_MEAN, HPA_STD, RGB, Stain
+
 # Real HPA-style PNGs are 512x512; a 40-megapixel cap leaves room for large plate
 # fields while refusing decompression bombs before any pixel is allocated.
 MAX_PIXELS = 40_000_000
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
-# Channel statistics of the real Kaggle PNGs on a 0-1 scale (DESIGN.md section 9).
-HPA_MEAN = (0.079, 0.053, 0.054)
-HPA_STD = (0.149, 0.113, 0.156)
-HPA_STAINS = ("red", "green", "blue")  # microtubules, protein of interest, nucleus
-
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How a decoded image becomes the model's input: the one description that
+    """How decoded stains become the model's input: the one description that
     training writes into every checkpoint and that collation, bulk scoring, Serve
     and ``Predictor`` all take."""
 
     image_size: int
     mean: tuple[float, ...] = HPA_MEAN
     std: tuple[float, ...] = HPA_STD
-    stains: tuple[str, ...] = HPA_STAINS  # channel order of the model's input
+    stains: tuple[Stain, ...] = RGB  # the model's input channels, in order, with their scaling
 
     def __post_init__(self):
-        # JSON gives lists; frozen dataclasses compare (and hash) only with tuples.
-        for name in ("mean", "std", "stains"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
+        # JSON gives lists and dicts; frozen dataclasses compare (and hash) only with tuples.
+        object.__setattr__(self, "mean", tuple(self.mean))
+        object.__setattr__(self, "std", tuple(self.std))
+        object.__setattr__(self, "stains", tuple(Stain.of(s) for s in self.stains))
         if not len(self.mean) == len(self.std) == len(self.stains):
-            raise ValueError(f"mean, std and stains differ in length: {self.mean}, {self.std}, {self.stains}")
+            raise ValueError(f"mean, std and stains differ in length: {self.mean}, {self.std}, {self.stain_names}")
 
     @property
     def channels(self) -> int:
         return len(self.stains)
 
-    def to_dict(self) -> dict:
-        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+    @property
+    def stain_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.stains)
 
+    def with_bits(self, bits: int | None) -> "Preprocessing":
+        """The same spec with every stain's 16-bit data read as ``bits``-bit (``--bit-depth``)."""
+        if bits is None:
+            return self
+        return replace(self, stains=tuple(replace(s, bits=bits, scaling="bits") for s in self.stains))
+
+    def to_dict(self) -> dict:
+        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std),
+                "stains": [asdict(s) for s in self.stains]}
 
 
 class ImageDecodeError(ValueError):
-    """Bytes that cannot become a 3-channel image. ``reason`` is one of:
-    empty, not_an_image, truncated, channels, bit_depth, too_large, shape_mismatch."""
+    """Bytes that cannot become the model's stains. ``reason`` is one of: empty,
+    not_an_image, truncated, channels, bit_depth, too_large, shape_mismatch, missing_stain."""
 
     def __init__(self, reason: str, message: str):
         super().__init__(message)
@@ -70,15 +78,53 @@ class ImageDecodeError(ValueError):
         return f"{self.reason}: {self.args[0]}"
 
 
-def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Encoded PNG/TIFF/JPEG bytes -> float32 array (H, W, 3) scaled to 0..1.
+def decode_image(data: bytes | Sequence[bytes], stains: Sequence[Stain] = RGB,
+                 max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """The one decode: one merged file, or one file per stain in ``stains`` order
+    -> float32 (H, W, C) on 0..1, each stain scaled as its ``Stain`` says.
 
-    8-bit images are divided by 255 and 16-bit by 65535, so the same picture saved
-    at either depth gives (nearly) the same array. RGBA drops alpha. Single
-    channel images are refused here: per-stain files go through ``merge_channels``.
+    8-bit pixels are divided by 255 and 16-bit by 2**bits - 1 (65535 unless the
+    stain says 12 or so), so the same picture at either depth gives (nearly) the
+    same array. A merged file gives its first C channels (RGBA drops alpha for an
+    RGB model); a merged file with fewer channels than stains is refused.
     """
-    pixels = decode_raw(data, max_pixels)
-    return to_rgb_float(pixels)
+    files = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
+    planes = stack_stains(files, max_pixels) if len(files) > 1 else merged_planes(decode_raw(files[0], max_pixels))
+    if planes.shape[-1] < len(stains):
+        raise ImageDecodeError(
+            "channels",
+            f"image has {planes.shape[-1]} channel(s) (shape {tuple(planes.shape)}); expected {len(stains)} "
+            f"stains ({', '.join(s.name for s in stains)}). Single-stain files must be merged: "
+            f"name them <id>_<stain> or pass one file per stain.",
+        )
+    return np.stack([scale_stain(planes[..., c], stain) for c, stain in enumerate(stains)], axis=-1)
+
+
+def merged_planes(pixels: np.ndarray) -> np.ndarray:
+    """A decoded merged file -> (H, W, C): planar TIFFs (C, H, W) are turned;
+    a single-channel image is (H, W, 1)."""
+    if pixels.ndim == 2:
+        return pixels[..., None]
+    if pixels.ndim == 3 and pixels.shape[0] <= 8 < min(pixels.shape[1:]) and pixels.shape[-1] > 8:
+        return np.moveaxis(pixels, 0, -1)  # planar TIFF (C, H, W)
+    if pixels.ndim != 3:
+        raise ImageDecodeError("channels", f"image has shape {tuple(pixels.shape)}; expected (H, W[, C])")
+    return pixels
+
+
+def scale_stain(plane: np.ndarray, stain: Stain) -> np.ndarray:
+    """One stain's integer pixels -> float32 on 0..1, as ``stain`` says."""
+    if stain.scaling == "percentile":
+        low, high = np.percentile(plane, (0.1, 99.9))
+        if high <= low:
+            return np.zeros(plane.shape, np.float32)
+        return np.clip((plane.astype(np.float32) - low) / (high - low), 0, 1).astype(np.float32)
+    if plane.dtype == np.uint8 or plane.dtype == np.bool_:
+        return plane.astype(np.float32) / (255.0 if plane.dtype == np.uint8 else 1.0)
+    if plane.dtype.kind not in "iu" or plane.min(initial=0) < 0 or plane.max(initial=0) > 65535:
+        raise ImageDecodeError("bit_depth", f"unsupported pixel type {plane.dtype}; expected 8- or 16-bit")
+    full_scale = 2 ** (stain.bits or 16) - 1
+    return np.minimum(plane.astype(np.float32) / np.float32(full_scale), 1.0)
 
 
 def decode_raw(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
@@ -94,7 +140,9 @@ def _decode_tiff(data: bytes, max_pixels: int) -> np.ndarray:
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
             page = tif.pages[0]
-            _check_pixel_count(int(np.prod(page.shape[:2])), max_pixels)
+            # Width x height from the tags, whatever the planar configuration: shape[:2] of a
+            # planar (C, H, W) page would count C x H.
+            _check_pixel_count(int(page.imagewidth) * int(page.imagelength), max_pixels)
             return page.asarray()
     except ImageDecodeError:
         raise
@@ -132,49 +180,20 @@ def _check_pixel_count(pixels: int, max_pixels: int) -> None:
         )
 
 
-def scale_to_unit(pixels: np.ndarray) -> np.ndarray:
-    """Integer pixels -> float32 on 0..1 (8-bit /255, 16-bit /65535)."""
-    if pixels.dtype == np.uint8:
-        return pixels.astype(np.float32) / 255.0
-    if pixels.dtype == np.uint16 or (pixels.dtype.kind in "iu" and pixels.max(initial=0) <= 65535 and pixels.min(initial=0) >= 0):
-        return pixels.astype(np.float32) / 65535.0
-    if pixels.dtype == np.bool_:
-        return pixels.astype(np.float32)
-    raise ImageDecodeError("bit_depth", f"unsupported pixel type {pixels.dtype}; expected 8- or 16-bit")
-
-
-def to_rgb_float(pixels: np.ndarray) -> np.ndarray:
-    if pixels.ndim == 3 and pixels.shape[0] in (3, 4) and pixels.shape[-1] not in (3, 4):
-        pixels = np.moveaxis(pixels, 0, -1)  # planar TIFF (C, H, W)
-    channels = 1 if pixels.ndim == 2 else pixels.shape[-1]
-    if pixels.ndim not in (2, 3) or channels not in (3, 4):
-        raise ImageDecodeError(
-            "channels",
-            f"image has {channels} channel(s) (shape {tuple(pixels.shape)}); expected 3 (RGB) or 4 (RGBA). "
-            "Single-stain files must be merged: name them <id>_red/_green/_blue.",
-        )
-    return scale_to_unit(np.ascontiguousarray(pixels[..., :3]))
-
-
-def merge_channels(stains: Sequence[bytes], max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Per-stain grayscale files (in the model's stain order) -> float32 (H, W, C)."""
-    return scale_to_unit(stack_stains(stains, max_pixels))
-
-
 def stack_stains(stains: Sequence[bytes], max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Per-stain grayscale files -> one integer (H, W, C) array, losslessly.
 
-    The one stain-merge path: scoring scales this array to 0..1 and the shard
-    writer encodes it, so both give the same tensor. Stains of mixed depth share
-    the 16-bit scale: an 8-bit plane is multiplied by 257, which maps 255 to 65535
-    and keeps ``x / 255 == 257 x / 65535`` exactly."""
+    The one stain-merge path: ``decode_image`` scales this array to 0..1 and the
+    shard writer encodes it, so both give the same tensor. Stains of mixed depth
+    share the 16-bit scale: an 8-bit plane is multiplied by 257, which maps 255 to
+    65535 and keeps ``x / 255 == 257 x / 65535`` exactly."""
     planes = [_stain_plane(decode_raw(data, max_pixels)) for data in stains]
     if len({p.shape for p in planes}) != 1:
         raise ImageDecodeError("shape_mismatch", f"stain files differ in size: {[p.shape for p in planes]}")
     if all(p.dtype == np.uint8 for p in planes):
         return np.stack(planes, axis=-1)
     for plane in planes:
-        scale_to_unit(plane[:1, :1])  # refuses pixel types that are neither 8- nor 16-bit
+        scale_stain(plane[:1, :1], Stain("check"))  # refuses pixel types that are neither 8- nor 16-bit
     return np.stack([p.astype(np.uint16) * (257 if p.dtype == np.uint8 else 1) for p in planes], axis=-1)
 
 
@@ -191,6 +210,10 @@ def resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
     keeps small bright structures (dots, speckles) instead of aliasing them away."""
     if images.shape[-2:] == (size, size):
         return images
+    if min(images.shape[-2:]) >= 4 * size:
+        # Large fields (1-2.5k px to a few hundred): area averaging over each output
+        # pixel's footprint keeps the mean intensity and costs one pass.
+        return F.adaptive_avg_pool2d(images, (size, size))
     return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 

@@ -5,23 +5,26 @@ Training (``data.path``), ``protein-ray shard`` and ``protein-ray predict`` all 
 
 - a shard root (``manifest.json``): splits are its folders;
 - a Kaggle root (``train.csv`` and/or ``submission.csv``): splits ``train``, ``test``;
-- a folder of images, recursively: plate scans (merged, or one file per stain) or
-  plain images: split ``images``;
+- a folder of images, recursively: plate scans in one of ``folders.LAYOUTS`` (merged,
+  or one file per stain or channel) or plain images: split ``images``;
 - a single image file: split ``images``.
 
 and returns an ``InputIndex``: one row per image, in a stable order, with its
 metadata and where its bytes are. Indexing happens on the driver from listings
 and CSVs, so bad input is reported with the file or CSV row before any
 distributed work starts; bytes are read later, by Ray tasks.
+
+Identity is by path, never by stem: an image's id is unique within its input (a
+Kaggle id from the CSV, else its path relative to the input root), two files that
+would fill the same plate/well/field/stain are an error naming both, and every
+file under a folder is accounted for: a row, or a skip with its reason.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import posixpath
-import re
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
@@ -30,26 +33,16 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from protein_ray import shards, storage
-from protein_ray.imaging import HPA_STAINS
-from protein_ray.labels import parse_label_string
+from protein_ray.folders import IMAGE_SUFFIXES, attach_labels, image_folder_index
+from protein_ray.labels import NUM_CLASSES, parse_label_string
+from protein_ray.sources import DataSourceError, InputOptions, read_csv
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
-# <plate>_<well>_<field>[_<stain>].<ext>, e.g. P001_B07_f3.png or P001_B07_f3_green.tif
-DEFAULT_PLATE_PATTERN = (
-    r"(?P<plate>[A-Za-z0-9-]+)_(?P<well>[A-Pa-p]\d{1,2})_f?(?P<field>\d+)"
-    r"(?:_(?P<stain>red|green|blue|yellow))?\.(?:png|tiff?|jpe?g)$"
-)
 KAGGLE_CSV = {"train": "train.csv", "test": "submission.csv"}
 # Columns of every index, whatever the input: bytes come from ``sources`` (files,
 # several for per-stain images) or from ``shard_file`` at ``shard_row``.
 COLUMNS = ("image_id", "labels", "plate", "well", "field", "source", "sources", "shard_file", "shard_row")
-MISSING_STAIN = "<missing {} stain>"  # stands in ``sources`` for a stain file that is not there
-
-
-class DataSourceError(ValueError):
-    """Input data that cannot be used; the message names the file or CSV row."""
 
 
 @dataclass
@@ -96,34 +89,37 @@ def choose_split(available: list[str], requested: str | None, uri: str) -> str:
     return available[0]
 
 
-def resolve_input(uri: str, split: str | None = None, pattern: str | None = None) -> InputIndex:
+def resolve_input(uri: str, options: InputOptions = InputOptions()) -> InputIndex:
     """One input (shards, Kaggle root, image/plate folder or image file) -> its index."""
     uri = storage.absolute(uri)
     if not storage.exists(uri):
         raise DataSourceError(f"{uri}: does not exist")
-    chosen = choose_split(available_splits(uri), split, uri)
+    chosen = choose_split(available_splits(uri), options.split, uri)
     if is_shard_root(uri):
         rows = shard_index(uri, chosen)
     elif is_kaggle_root(uri):
-        rows = kaggle_index(uri, chosen)
+        rows = kaggle_index(uri, chosen, options.num_classes)
     elif not storage.is_dir(uri):
-        rows = pd.DataFrame({"image_id": [PurePosixPath(uri).stem], "sources": [[uri]]})
+        rows = pd.DataFrame({"image_id": [posixpath.basename(uri)], "sources": [[uri]]})
     else:
-        rows, skipped = image_folder_index(uri, pattern or DEFAULT_PLATE_PATTERN)
+        rows, skipped = image_folder_index(uri, options)
+        if options.labels_csv:
+            rows = attach_labels(rows, options.labels_csv, options.num_classes)
         return InputIndex(complete_columns(rows), skipped=skipped)
     rows = complete_columns(rows)
     return InputIndex(rows, submission_ids=rows["image_id"].tolist() if chosen == "test" else [])
 
 
-def resolve_inputs(uris: list[str], split: str | None = None, pattern: str | None = None) -> InputIndex:
-    """Several inputs, concatenated in the order given."""
-    parts = [resolve_input(uri, split, pattern) for uri in uris]
+def resolve_inputs(uris: list[str], options: InputOptions = InputOptions()) -> InputIndex:
+    """Several inputs, concatenated in the order given. Ids are unique within an
+    input; across inputs the same id is kept (a Kaggle id must stay itself) and told."""
+    parts = [resolve_input(uri, options) for uri in uris]
     rows = pd.concat([p.rows for p in parts], ignore_index=True)
     rows["field"] = rows["field"].astype("Int32")
     duplicated = rows["image_id"].duplicated()
     if duplicated.any():
-        logger.warning("%d image ids occur more than once (e.g. %s); each is scored", duplicated.sum(),
-                       rows.loc[duplicated, "image_id"].iloc[0])
+        logger.warning("%d image ids occur in more than one input (e.g. %s); each is scored, "
+                       "the source column tells them apart", duplicated.sum(), rows.loc[duplicated, "image_id"].iloc[0])
     return InputIndex(rows, [s for p in parts for s in p.skipped], [i for p in parts for i in p.submission_ids])
 
 
@@ -172,21 +168,6 @@ def is_kaggle_root(root: str) -> bool:
     return any(storage.exists(storage.join(root, csv)) for csv in KAGGLE_CSV.values())
 
 
-def read_csv(uri: str, required: tuple[str, ...]) -> pd.DataFrame:
-    try:
-        table = pd.read_csv(io.BytesIO(storage.read_bytes(uri)), dtype=str, keep_default_na=False)
-    except storage.StorageError:
-        raise
-    except Exception as error:
-        raise DataSourceError(f"{uri}: not a readable CSV ({error})") from None
-    missing = [c for c in required if c not in table.columns]
-    if missing:
-        raise DataSourceError(
-            f"{uri}: missing column(s) {missing}; found {list(table.columns)}, expected {list(required)}"
-        )
-    return table
-
-
 def _image_files_by_stem(folder: str) -> dict[str, str]:
     return {
         PurePosixPath(uri).stem: uri
@@ -195,7 +176,7 @@ def _image_files_by_stem(folder: str) -> dict[str, str]:
     }
 
 
-def kaggle_index(root: str, split: str = "train") -> pd.DataFrame:
+def kaggle_index(root: str, split: str = "train", num_classes: int = NUM_CLASSES) -> pd.DataFrame:
     """Rows (image_id, labels, sources) of a Kaggle root's ``train`` or ``test`` split.
 
     ``train`` takes labels from ``train.csv``; ``test`` takes ids from
@@ -206,67 +187,19 @@ def kaggle_index(root: str, split: str = "train") -> pd.DataFrame:
     required = ("Image", "Label") if split == "train" else ("Image",)
     table = read_csv(storage.join(root, csv_name), required)
     files = _image_files_by_stem(storage.join(root, split))
+    if table["Image"].duplicated().any():
+        twice = table.loc[table["Image"].duplicated(), "Image"].iloc[0]
+        raise DataSourceError(f"{csv_name} in {root} lists image {twice!r} more than once")
     rows = []
     for number, record in enumerate(table.itertuples(index=False), start=2):  # row 1 is the header
         image_id = str(record.Image)
         where = f"{csv_name} line {number} (image {image_id})"
         if image_id not in files:
             raise DataSourceError(f"{where}: no image file {split}/{image_id}.png (or .tif/.jpg) in {root}")
-        labels = parse_label_string(record.Label, row=where) if split == "train" else None
+        labels = parse_label_string(record.Label, row=where, num_classes=num_classes) if split == "train" else None
         rows.append({"image_id": image_id, "labels": labels, "sources": [files[image_id]]})
     if not rows:
         raise DataSourceError(f"{csv_name} in {root} lists no images")
     return pd.DataFrame(rows)
 
 
-# -------------------------------------------------------------- image folders --
-
-
-def image_folder_index(folder: str, pattern: str = DEFAULT_PLATE_PATTERN) -> tuple[pd.DataFrame, list[str]]:
-    """Index a plate-scan folder (or any folder of images), recursively.
-
-    Returns ``(index, skipped)``: one index row per field image, with ``sources``
-    listing one merged file or the stain files in the model's stain order;
-    ``skipped`` lists files that are not images by name. Files that do not match
-    ``pattern`` become their own image (no plate/well). A field missing a stain
-    keeps the stains it has; decoding it later reports what is missing.
-    """
-    matcher = re.compile(pattern)
-    groups: dict[str, dict] = {}
-    skipped = []
-    for uri in storage.list_files(folder, recursive=True):
-        name = posixpath.basename(uri)
-        if name.startswith(".") or name in (shards.MANIFEST, storage.INCOMPLETE_MARKER) or name.endswith(".csv"):
-            continue
-        if not name.lower().endswith(IMAGE_SUFFIXES):
-            skipped.append(uri)
-            continue
-        match = matcher.search(name)
-        if match is None:
-            groups[PurePosixPath(name).stem] = {"image_id": PurePosixPath(name).stem, "stains": {"rgb": uri}}
-            continue
-        plate, well, field_number = match["plate"], match["well"].upper(), int(match["field"])
-        well = f"{well[0]}{int(well[1:]):02d}"
-        image_id = f"{plate}_{well}_f{field_number}"
-        group = groups.setdefault(
-            image_id, {"image_id": image_id, "plate": plate, "well": well, "field": field_number, "stains": {}}
-        )
-        group["stains"][match["stain"] or "rgb"] = uri
-    if not groups:
-        raise DataSourceError(f"{folder}: no image files found (looked for {', '.join(IMAGE_SUFFIXES)})")
-    index = pd.DataFrame([_index_row(g) for g in groups.values()]).sort_values("image_id", ignore_index=True)
-    return index, skipped
-
-
-def _index_row(group: dict) -> dict:
-    stains = group.pop("stains")
-    if "rgb" in stains:
-        sources = [stains["rgb"]]
-    else:  # per-stain files; a yellow (ER) stain is not used by this model
-        sources = [stains.get(s, MISSING_STAIN.format(s)) for s in HPA_STAINS]
-    return {"plate": None, "well": None, "field": None, **group, "labels": None, "sources": sources}
-
-
-def missing_stains(sources: list[str]) -> list[str]:
-    """The stain names that ``image_folder_index`` marked as missing in ``sources``."""
-    return [uri.strip("<>").split()[1] for uri in sources if uri.startswith("<missing")]

@@ -1,10 +1,11 @@
 """Plates and wells: per-well aggregation of predictions and plate heatmaps.
 
-The bulk scoring job (``protein_ray.batch``) writes one prediction row per field
+The bulk scoring job (``protein_ray.scoring``) writes one prediction row per field
 image; a screen is read per well. This module turns prediction rows into the
 per-well table of DESIGN.md section 2 (plate, well, images scored and failed,
 mean probability and fraction of positive fields per class) and draws one plate
 heatmap per class, laid out like the physical plate (8x12 or 16x24 wells).
+Column names follow the model's classes (``prob_<class>``, ``mean_prob_<class>``...).
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from __future__ import annotations
 import io
 import logging
 import re
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from protein_ray import storage
-from protein_ray.labels import CLASS_NAMES, multi_hot_matrix, parse_label_string
+from protein_ray.labels import multi_hot_matrix, parse_label_string
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -34,8 +36,13 @@ def snake_case(name: str) -> str:
     return re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_")
 
 
-CLASS_KEYS = tuple(snake_case(name) for name in CLASS_NAMES)
-PROB_COLUMNS = tuple(f"prob_{key}" for key in CLASS_KEYS)
+def class_keys(classes: Sequence[str]) -> list[str]:
+    return [snake_case(name) for name in classes]
+
+
+def prob_columns(classes: Sequence[str]) -> list[str]:
+    """The per-class probability columns of the predictions, in class order."""
+    return [f"prob_{key}" for key in class_keys(classes)]
 
 
 def parse_well(well: str) -> tuple[int, int] | None:
@@ -60,13 +67,14 @@ def plate_format(wells) -> tuple[int, int]:
 # ------------------------------------------------------------ aggregation ----
 
 
-def positive_matrix(predictions: pd.DataFrame) -> np.ndarray:
+def positive_matrix(predictions: pd.DataFrame, num_classes: int) -> np.ndarray:
     """(N, C) bool: the classes in each row's ``labels`` string (none for failed rows)."""
-    label_lists = [None if not isinstance(text, str) else parse_label_string(text) for text in predictions["labels"]]
-    return multi_hot_matrix(label_lists) > 0.5
+    label_lists = [None if not isinstance(text, str) else parse_label_string(text, num_classes=num_classes)
+                   for text in predictions["labels"]]
+    return multi_hot_matrix(label_lists, num_classes) > 0.5
 
 
-def well_table(predictions: pd.DataFrame) -> pd.DataFrame:
+def well_table(predictions: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
     """Per-well table: plate, well, images_scored, images_failed, then
     ``mean_prob_<class>`` and ``frac_pos_<class>`` over the well's scored fields.
 
@@ -76,15 +84,16 @@ def well_table(predictions: pd.DataFrame) -> pd.DataFrame:
     import pandas as pd  # here, not at the top: the CLI imports this module and must start fast
     plated = predictions[predictions["plate"].notna() & predictions["well"].notna()]
     columns = ["plate", "well", "images_scored", "images_failed"]
-    columns += [f"mean_prob_{k}" for k in CLASS_KEYS] + [f"frac_pos_{k}" for k in CLASS_KEYS]
+    keys = class_keys(classes)
+    columns += [f"mean_prob_{k}" for k in keys] + [f"frac_pos_{k}" for k in keys]
     if plated.empty:
         return pd.DataFrame(columns=columns)
     scored = plated["error"].isna().to_numpy()
     frame = pd.DataFrame({"plate": plated["plate"].to_numpy(), "well": plated["well"].to_numpy(),
                           "images_scored": scored.astype(int), "images_failed": (~scored).astype(int)})
-    positive = positive_matrix(plated).astype(float)
+    positive = positive_matrix(plated, len(classes)).astype(float)
     positive[~scored] = np.nan  # a failed field is not a negative field
-    for key, prob_column, c in zip(CLASS_KEYS, PROB_COLUMNS, range(len(CLASS_KEYS))):
+    for c, (key, prob_column) in enumerate(zip(keys, prob_columns(classes))):
         frame[f"mean_prob_{key}"] = plated[prob_column].to_numpy(dtype=float)  # NaN for failed rows
         frame[f"frac_pos_{key}"] = positive[:, c]
     grouped = frame.groupby(["plate", "well"], sort=True)
@@ -122,7 +131,7 @@ def _png(figure) -> bytes:
     return buffer.getvalue()
 
 
-def write_heatmaps(wells: pd.DataFrame, folder: str) -> list[str]:
+def write_heatmaps(wells: pd.DataFrame, folder: str, classes: Sequence[str]) -> list[str]:
     """``folder/<plate>/<class>.png`` per plate and class (fraction of positive
     fields per well) plus ``folder/<plate>/all_classes.png``; returns the URIs.
     Grey wells had no scored field."""
@@ -138,8 +147,13 @@ def write_heatmaps(wells: pd.DataFrame, folder: str) -> list[str]:
     for plate, plate_wells in wells.groupby("plate", sort=True):
         shape = plate_format(plate_wells["well"])
         plate_folder = storage.join(folder, re.sub(r"[^A-Za-z0-9._-]+", "_", str(plate)) or "plate")
-        overview, axes = plt.subplots(2, 5, figsize=(20, 6.5 if shape[0] <= 8 else 9))
-        for key, name, axis in zip(CLASS_KEYS, CLASS_NAMES, axes.flat):
+        columns = min(5, len(classes))
+        rows = -(-len(classes) // columns)
+        overview, axes = plt.subplots(rows, columns, figsize=(4 * columns, (3.25 if shape[0] <= 8 else 4.5) * rows),
+                                      squeeze=False)
+        for axis in axes.flat[len(classes):]:
+            axis.set_visible(False)
+        for key, name, axis in zip(class_keys(classes), classes, axes.flat):
             grid = plate_grid(plate_wells, f"frac_pos_{key}", shape)
             figure, single = plt.subplots(figsize=(7, 4.2) if shape[0] <= 8 else (11, 6.5))
             image = _draw_grid(single, grid, f"{plate}: {name} (fraction of positive fields)", cmap)
@@ -171,7 +185,7 @@ def _auc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def compare_with_planted(wells: pd.DataFrame, planted: pd.DataFrame) -> pd.DataFrame:
+def compare_with_planted(wells: pd.DataFrame, planted: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
     """How well per-well results follow a known composition, one row per class.
 
     ``planted`` has columns plate, well, labels (Kaggle strings), like the
@@ -182,9 +196,11 @@ def compare_with_planted(wells: pd.DataFrame, planted: pd.DataFrame) -> pd.DataF
     """
     import pandas as pd
     merged = wells.merge(planted[["plate", "well", "labels"]], on=["plate", "well"], how="inner")
-    truth = multi_hot_matrix([parse_label_string(text) for text in merged["labels"]]) > 0.5
+    num_classes = len(classes)
+    truth = multi_hot_matrix([parse_label_string(text, num_classes=num_classes) for text in merged["labels"]],
+                             num_classes) > 0.5
     rows = []
-    for c, (key, name) in enumerate(zip(CLASS_KEYS, CLASS_NAMES)):
+    for c, (key, name) in enumerate(zip(class_keys(classes), classes)):
         prob = merged[f"mean_prob_{key}"].to_numpy(dtype=float)
         frac = merged[f"frac_pos_{key}"].to_numpy(dtype=float)
         known = ~np.isnan(prob)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 
 from protein_ray import storage
-from protein_ray.labels import CLASS_NAMES
+from protein_ray.checkpoint import HISTORY_FILE
 
 
 def _figure_bytes(figure) -> bytes:
@@ -16,11 +17,11 @@ def _figure_bytes(figure) -> bytes:
 
 
 def read_history(run_uri: str) -> list[dict]:
-    text = storage.read_text(storage.join(run_uri, "history.jsonl"))
+    text = storage.read_text(storage.join(run_uri, HISTORY_FILE))
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def write_training_plots(run_uri: str) -> list[str]:
+def write_training_plots(run_uri: str, class_names: Sequence[str]) -> list[str]:
     """curves.png (loss, macro F1 per epoch) and classes.png (per-class F1 bars and
     the tuned threshold table of the best epoch) in the run folder."""
     import matplotlib
@@ -41,14 +42,15 @@ def write_training_plots(run_uri: str) -> list[str]:
     f1_axis.set(title="validation macro F1", xlabel="epoch", ylim=(0, 1))
     f1_axis.legend(loc="lower right")
 
-    classes, (bar_axis, table_axis) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [3, 2]})
-    positions = range(len(CLASS_NAMES))
+    height = max(4, 0.3 * len(class_names))
+    classes, (bar_axis, table_axis) = plt.subplots(1, 2, figsize=(12, height), gridspec_kw={"width_ratios": [3, 2]})
+    positions = range(len(class_names))
     bar_axis.barh(positions, best["f1_per_class"], color="tab:green")
-    bar_axis.set(yticks=list(positions), yticklabels=CLASS_NAMES, xlim=(0, 1),
+    bar_axis.set(yticks=list(positions), yticklabels=list(class_names), xlim=(0, 1),
                  title=f"per-class F1, epoch {best['epoch'] + 1} (tuned thresholds)")
     bar_axis.invert_yaxis()
     table_axis.axis("off")
-    rows = [[name, f"{t:.2f}", f"{f:.3f}"] for name, t, f in zip(CLASS_NAMES, best["thresholds"], best["f1_per_class"])]
+    rows = [[name, f"{t:.2f}", f"{f:.3f}"] for name, t, f in zip(class_names, best["thresholds"], best["f1_per_class"])]
     table_axis.table(cellText=rows, colLabels=["class", "threshold", "F1"], loc="center").scale(1, 1.3)
 
     written = []

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -100,7 +100,7 @@ class Predictor:
         decoded, positions = [], []
         for position, data in enumerate(encoded):
             try:
-                decoded.append(decode_image(data))
+                decoded.append(decode_image(data, self.preprocessing.stains))
                 positions.append(position)
             except ImageDecodeError as error:
                 results[position].error = str(error)
@@ -118,6 +118,8 @@ def model_summary(card: ModelCard, checkpoint: str, thresholds: np.ndarray) -> d
         "backbone": card.backbone,
         "image_size": card.image_size,
         "classes": list(card.class_names),
+        # What to send: one merged image with these channels, or one multipart part per stain name.
+        "stains": [asdict(stain) for stain in card.preprocessing.stains],
         "thresholds": [round(float(t), 4) for t in thresholds],  # float32 -> readable JSON
         "never_empty": card.never_empty,
         "epoch": card.epoch,

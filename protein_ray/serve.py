@@ -54,6 +54,7 @@ from protein_ray.uploads import (
     check_declared_length,
     check_raw_content_type,
     media_type,
+    merge_stain_uploads,
     parse_multipart,
     prepare_uploads,
     read_limited,
@@ -252,8 +253,8 @@ class ProteinApi:
     @api.get("/model")
     async def model(self) -> dict:
         summary = await self.classifier.summary.remote()
-        preprocessing = summary.pop("preprocessing")
-        return {**summary, "image_size": preprocessing.image_size, "server_version": __version__,
+        summary.pop("preprocessing")  # a Python object; its parts are in the summary already
+        return {**summary, "server_version": __version__,
                 "limits": self.limits.model_dump()}
 
     @api.post("/predict", response_model=PredictResponse, openapi_extra=PREDICT_REQUEST_DOCS, responses=ERROR_DOCS)
@@ -276,7 +277,8 @@ class ProteinApi:
         if not body:
             raise RequestRejected(400, "empty", "the request body is empty; send an image")
         if is_multipart:
-            return await parse_multipart(request.headers, body, limits.max_images)
+            parts = await parse_multipart(request.headers, body, limits.max_images)
+            return merge_stain_uploads(parts, self.preprocessing.stain_names)
         return [Upload(id=0, data=body)]
 
     async def classify(self, uploads: list[Upload]) -> list[dict]:

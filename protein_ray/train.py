@@ -38,6 +38,7 @@ from protein_ray.imaging import Preprocessing, normalize_batch
 from protein_ray.metrics import evaluate
 from protein_ray.model import autocast_context, create_model, unwrap
 from protein_ray.runtime import is_verbose
+from protein_ray.spec import load_spec
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class TrainJob:
 
     config: TrainingConfig
     preprocessing: Preprocessing
+    class_names: tuple[str, ...]
     train_count: int
     run_uri: str
 
@@ -200,6 +202,7 @@ def report_epoch(epoch: int, model, optimizer, job: TrainJob, metrics: dict | No
     card = ModelCard(
         backbone=config.model.name,
         preprocessing=job.preprocessing,
+        class_names=list(job.class_names),
         thresholds=metrics["thresholds"],
         never_empty=config.optim.never_empty,
         metrics={k: v for k, v in metrics.items() if k != "thresholds"},
@@ -246,7 +249,7 @@ def train_loop_per_worker(job: TrainJob) -> None:
     device = ray.train.torch.get_device()
 
     model = create_model(config.model.name, config.model.pretrained_path, config.model.drop_rate,
-                         in_chans=job.preprocessing.channels)
+                         num_classes=len(job.class_names), in_chans=job.preprocessing.channels)
     if optim.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
@@ -333,9 +336,9 @@ def run_training(config: TrainingConfig) -> str:
     # Workers' epoch lines once, not twice (Train's print patch writes to stdout and stderr).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     run_uri = storage.absolute(storage.join(config.run.storage_path, config.run.name))
-    datasets, train_count, _ = prepare_datasets(config)
+    datasets, train_count, _, preprocessing = prepare_datasets(config)
     storage.write_text(storage.join(run_uri, "config.yaml"), config.to_yaml())
-    job = TrainJob(config, Preprocessing(image_size=config.data.image_size), train_count, run_uri)
+    job = TrainJob(config, preprocessing, load_spec(config.data.spec).classes, train_count, run_uri)
     started = time.perf_counter()
     result = build_trainer(job, datasets).fit()
     if result.error:
@@ -343,8 +346,8 @@ def run_training(config: TrainingConfig) -> str:
     best = best_checkpoint_in(run_uri)
     if best is None:
         raise RuntimeError(f"training finished without a checkpoint; see {run_uri}")
-    write_training_plots(run_uri)
     card = read_model_card(best)
+    write_training_plots(run_uri, card.class_names)
     print(
         f"training finished in {time.perf_counter() - started:.0f} s; best epoch {card.epoch + 1}: "
         f"macro F1 {card.metrics['macro_f1']:.3f} (at 0.5: {card.metrics['macro_f1@0.5']:.3f}, "

@@ -15,9 +15,11 @@ import pyarrow.compute as pc
 
 from protein_ray import storage
 from protein_ray.config import TrainingConfig
-from protein_ray.imaging import ImageDecodeError, decode_image, resize_images
+from protein_ray.imaging import ImageDecodeError, Preprocessing, decode_image, resize_images
 from protein_ray.inputs import InputIndex, available_splits, resolve_input
 from protein_ray.labels import multi_hot_matrix
+from protein_ray.sources import InputOptions, parse_channel_map
+from protein_ray.spec import DatasetSpec, load_spec
 
 logger = logging.getLogger(__name__)
 
@@ -26,24 +28,24 @@ class TrainingDataError(ValueError):
     """The training data cannot be used; raised before any worker starts."""
 
 
-def decode_for_training(batch: dict, image_size: int) -> dict:
+def decode_for_training(batch: dict, preprocessing: Preprocessing, num_classes: int) -> dict:
     """Ray Data map function: encoded rows -> resized 0..1 images, targets and the
     decode outcome. Deterministic, so its output can be cached across epochs.
 
     A corrupt image does not fail the batch: it becomes a zero image with
     ``ok = 0`` (the loss ignores it) and its reason in ``error``.
     """
-    images, errors = [], []
+    size, images, errors = preprocessing.image_size, [], []
     for data in batch["image"]:
         try:
-            images.append(decode_image(data))
+            images.append(decode_image(data, preprocessing.stains))
             errors.append("")
         except ImageDecodeError as error:
-            images.append(np.zeros((image_size, image_size, 3), np.float32))
+            images.append(np.zeros((size, size, preprocessing.channels), np.float32))
             errors.append(str(error))
     return {
-        "image": resize_images(images, image_size),
-        "target": multi_hot_matrix([list(labels) for labels in batch["labels"]]),
+        "image": resize_images(images, size),
+        "target": multi_hot_matrix([list(labels) for labels in batch["labels"]], num_classes),
         "ok": np.asarray([not error for error in errors], dtype=np.float32),
         "image_id": np.asarray(batch["image_id"], dtype=object),
         "error": np.asarray(errors, dtype=object),
@@ -70,17 +72,33 @@ def ensure_embedded_dataset(config: TrainingConfig) -> str:
     return shard_root
 
 
-def labelled_index(uri: str) -> InputIndex:
-    """The ``train`` split of a shard root or Kaggle root, every row labelled."""
+def input_options(config: TrainingConfig, spec: DatasetSpec) -> InputOptions:
+    """How to read ``data.path``: the train split of shards or a Kaggle root, or a
+    plate folder with ``data.labels``, read for the spec's stains."""
+    return InputOptions(
+        split="images" if config.data.labels else "train", layout=config.data.layout,
+        pattern=config.data.pattern or None, stains=spec.stain_names,
+        channel_map=parse_channel_map(config.data.channel_map, spec.stain_names),
+        num_classes=len(spec.classes), labels_csv=config.data.labels or None)
+
+
+def labelled_index(uri: str, options: InputOptions) -> InputIndex:
+    """Every training image, labelled; unlabelled plate images are left out (and told)."""
     if not storage.exists(uri):
         raise TrainingDataError(f"data.path {uri} does not exist")
-    if "train" not in available_splits(uri):
+    if options.split not in available_splits(uri):
         raise TrainingDataError(
-            f"data.path {uri}: expected protein-ray shards with a train split (manifest.json) "
-            "or a Kaggle root (train.csv)")
-    index = resolve_input(uri, "train")
-    if index.unlabelled:
+            f"data.path {uri}: expected protein-ray shards with a train split (manifest.json), a Kaggle root "
+            "(train.csv), or a plate folder with data.labels (a CSV of labels per well or field)")
+    index = resolve_input(uri, options)
+    if index.unlabelled and options.labels_csv:
+        logger.warning("%d plate images have no row in %s and are left out of training", index.unlabelled,
+                       options.labels_csv)
+        index.rows = index.rows[index.rows["labels"].notna()].reset_index(drop=True)
+    elif index.unlabelled:
         raise TrainingDataError(f"{uri}: {index.unlabelled} training images have no labels")
+    if index.rows.empty:
+        raise TrainingDataError(f"{uri}: no labelled training images")
     return index
 
 
@@ -100,12 +118,32 @@ def check_decodable(decoded: list, total: int, max_bad_fraction: float) -> int:
     return len(bad)
 
 
-def decoded_gib(images: int, image_size: int) -> float:
-    return images * 3 * image_size**2 * np.dtype(np.float32).itemsize / 2**30
+def decoded_gib(images: int, image_size: int, channels: int) -> float:
+    return images * channels * image_size**2 * np.dtype(np.float32).itemsize / 2**30
 
 
-def prepare_datasets(config: TrainingConfig) -> tuple[dict, int, int]:
-    """Train/val Ray Datasets of decoded, resized images; train count; bad count.
+def channel_sums(batch: dict) -> dict:
+    """Per-stain pixel sums of the decodable images of a batch (0..1 scale)."""
+    images = np.asarray(batch["image"], dtype=np.float64)[np.asarray(batch["ok"]) > 0]
+    return {"pixels": np.array([images[:, 0].size]), "sum": images.sum(axis=(0, 2, 3))[None],
+            "squares": (images**2).sum(axis=(0, 2, 3))[None]}
+
+
+def measure_channel_stats(dataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std of each stain over the training images, for normalization."""
+    parts = dataset.map_batches(channel_sums, batch_format="numpy").take_all()
+    pixels = sum(float(part["pixels"]) for part in parts)
+    total = np.sum([part["sum"] for part in parts], axis=0)
+    squares = np.sum([part["squares"] for part in parts], axis=0)
+    mean = total / max(pixels, 1)
+    std = np.sqrt(np.maximum(squares / max(pixels, 1) - mean**2, 1e-12))
+    return tuple(round(float(m), 5) for m in mean), tuple(round(float(s), 5) for s in np.maximum(std, 1e-3))
+
+
+def prepare_datasets(config: TrainingConfig) -> tuple[dict, int, int, Preprocessing]:
+    """Train/val Ray Datasets of decoded, resized images; train count; bad count; and
+    the preprocessing the checkpoints will carry (the spec's channel statistics, or
+    the training images' own when the spec has none).
 
     Decoding is the expensive, deterministic part: when the decoded images fit in
     ``data.cache_decoded_gib`` they are decoded once into Ray's object store;
@@ -113,25 +151,30 @@ def prepare_datasets(config: TrainingConfig) -> tuple[dict, int, int]:
     """
     from protein_ray.data import dataset_of, stratified_split
 
+    spec = load_spec(config.data.spec)
     uri = storage.absolute(config.data.path) if config.data.path else ensure_embedded_dataset(config)
-    index = labelled_index(uri)
+    index = labelled_index(uri, input_options(config, spec))
     rows = dataset_of(index)
     train_ids, val_ids = stratified_split(
         index.rows["image_id"].tolist(), list(index.rows["labels"]), config.data.val_fraction, config.data.split_seed
     )
-    size = config.data.image_size
-    total = len(index.rows)
-    cache = decoded_gib(total, size) <= config.data.cache_decoded_gib
+    size, total, channels = config.data.image_size, len(index.rows), len(spec.stains)
+    gib = decoded_gib(total, size, channels)
+    cache = gib <= config.data.cache_decoded_gib
+    decode_spec = Preprocessing(size, mean=(0.0,) * channels, std=(1.0,) * channels,
+                                stains=spec.stains).with_bits(config.data.bit_depth or None)
 
     def decoded(ids):
         dataset = rows.map_batches(keep_ids, fn_kwargs={"ids": pa.array(ids)}, batch_format="pyarrow").map_batches(
-            decode_for_training, fn_kwargs={"image_size": size}, batch_format="numpy"
-        )
+            decode_for_training, fn_kwargs={"preprocessing": decode_spec, "num_classes": len(spec.classes)},
+            batch_format="numpy")
         return dataset.materialize() if cache else dataset
 
-    logger.info("decoding %d images from %s%s", total, uri, " into the object store" if cache else "")
+    logger.info("decoding %d images (%s) from %s%s", total, ", ".join(spec.stain_names), uri,
+                " into the object store" if cache else "")
     train, val = decoded(train_ids), decoded(val_ids)
     bad = check_decodable([train, val], total, config.data.max_bad_fraction)
-    logger.info("data: %d train / %d validation images; decoded %s", len(train_ids), len(val_ids),
-                f"once and cached ({decoded_gib(total, size):.2f} GiB)" if cache else "every epoch")
-    return {"train": train, "val": val}, len(train_ids), bad
+    mean, std = (spec.mean, spec.std) if spec.mean and spec.std else measure_channel_stats(train)
+    logger.info("data: %d train / %d validation images; decoded %s; channel mean %s, std %s", len(train_ids),
+                len(val_ids), f"once and cached ({gib:.2f} GiB)" if cache else "every epoch", mean, std)
+    return {"train": train, "val": val}, len(train_ids), bad, Preprocessing(size, mean, std, decode_spec.stains)

@@ -63,6 +63,8 @@ class Upload:
     id: str | int
     data: bytes
     name: str | None = None  # the multipart filename, only for error messages
+    field: str | None = None  # the multipart field name: a stain name for multi-stain images
+    stains: list[bytes] | None = None  # one file per stain, in the model's order (then ``data`` is unused)
 
 
 def media_type(content_type: str | None) -> str:
@@ -135,16 +137,41 @@ async def upload_from_part(index: int, field: str, value: UploadFile | str) -> U
             415, "unsupported_media_type", f"file part has Content-Type {kind!r}; expected a PNG, TIFF or JPEG image",
             file=value.filename or str(index),
         )
-    return Upload(id=value.filename or index, data=await value.read(), name=value.filename)
+    return Upload(id=value.filename or index, data=await value.read(), name=value.filename, field=field)
 
 
-def decode_upload(upload: Upload, max_pixels: int) -> np.ndarray:
-    """One upload -> float (H, W, 3), or RequestRejected naming the upload."""
+def merge_stain_uploads(uploads: list[Upload], stains: Sequence[str]) -> list[Upload]:
+    """Multipart parts named after the model's stains (``-F red=@r.tif -F green=@g.tif
+    ...``) are one image, its stains in the model's order; any other parts are one
+    image each. A stain part missing, or two parts for one stain, is a 400."""
+    named = [upload for upload in uploads if upload.field in stains]
+    if not named:
+        return uploads
+    if len(named) != len(uploads):
+        other = next(upload.field for upload in uploads if upload.field not in stains)
+        raise RequestRejected(400, "mixed_parts", f"part {other!r} is not a stain of this model ({', '.join(stains)}); "
+                              "send one image per request as stain parts, or images as parts named file")
+    by_stain = {}
+    for upload in named:
+        if upload.field in by_stain:
+            raise RequestRejected(400, "duplicate_stain", f"two parts for stain {upload.field!r}")
+        by_stain[upload.field] = upload
+    missing = [stain for stain in stains if stain not in by_stain]
+    if missing:
+        raise RequestRejected(400, "missing_stain", f"no part for stain(s) {', '.join(missing)}; this model takes "
+                              f"{', '.join(stains)} (curl -F {stains[0]}=@{stains[0]}.tif ...)")
+    first = by_stain[stains[0]]
+    return [Upload(id=first.name or 0, data=b"", name=first.name, stains=[by_stain[s].data for s in stains])]
+
+
+def decode_upload(upload: Upload, preprocessing: Preprocessing, max_pixels: int) -> np.ndarray:
+    """One upload -> float (H, W, C), or RequestRejected naming the upload."""
     where = upload.name if upload.name is not None else str(upload.id)
-    if upload.data and not upload.data.startswith(IMAGE_MAGIC):
+    files = upload.stains or [upload.data]
+    if any(data and not data.startswith(IMAGE_MAGIC) for data in files):
         raise RequestRejected(415, "not_an_image", "the bytes are not a PNG, TIFF or JPEG image", file=where)
     try:
-        return decode_image(upload.data, max_pixels=max_pixels)
+        return decode_image(files, preprocessing.stains, max_pixels)
     except ImageDecodeError as error:
         raise RequestRejected(DECODE_ERROR_STATUS.get(error.reason, 422), error.reason, error.args[0], file=where) from None
     except Exception as error:  # any other failure on untrusted bytes is still the input's fault
@@ -155,7 +182,8 @@ def decode_upload(upload: Upload, max_pixels: int) -> np.ndarray:
 def prepare_uploads(uploads: Sequence[Upload], preprocessing: Preprocessing, max_pixels: int) -> np.ndarray:
     """Uploads -> the model's input (N, C, S, S). One image at a time, so at most
     one full-size decoded image is held per request, however many were sent."""
-    return np.concatenate([preprocess_batch([decode_upload(u, max_pixels)], preprocessing) for u in uploads])
+    return np.concatenate([preprocess_batch([decode_upload(u, preprocessing, max_pixels)], preprocessing)
+                           for u in uploads])
 
 
 class ImagePrediction(BaseModel):

@@ -23,8 +23,11 @@ from protein_ray import storage
 from protein_ray.checkpoint import ModelCard, save_checkpoint
 from protein_ray.demo import score_demo_plate
 from protein_ray.imaging import Preprocessing
+from protein_ray.labels import CLASS_NAMES
 from protein_ray.model import create_model
-from protein_ray.plates import PROB_COLUMNS, compare_with_planted, plate_format, well_table
+from protein_ray.plates import compare_with_planted, plate_format, prob_columns, well_table
+
+PROB_COLUMNS = prob_columns(CLASS_NAMES)
 from protein_ray.predictor import Predictor
 from protein_ray.scoring.outputs import submission_frame
 from protein_ray.scoring.parts import PartWriter
@@ -80,7 +83,7 @@ def probabilities(frame: pd.DataFrame) -> np.ndarray:
 # ------------------------------------------------- nothing lost, reasons ----
 
 
-BAD_FILES = {  # file name -> expected error reason
+BAD_FILES = {  # image id (a file naming no plate field: its path) -> expected error reason
     "empty.png": "empty",
     "truncated.png": "truncated",
     "text.png": "not_an_image",
@@ -99,7 +102,7 @@ def write_mixed_folder(folder: Path) -> list[str]:
     good = []
     for i in range(6):
         (folder / f"good-{i}.png").write_bytes(png_bytes(random_rgb(i)))
-        good.append(f"good-{i}")
+        good.append(f"good-{i}.png")
     (folder / "empty.png").write_bytes(b"")
     full = png_bytes(random_rgb(99))
     (folder / "truncated.png").write_bytes(full[: len(full) // 2])
@@ -129,10 +132,10 @@ def test_every_input_gets_one_row_and_too_many_failures_exit_nonzero(tmp_path, t
     assert "could not be scored" in stderr and "--max-error-rate" in stderr
     # ...after every output was written, with one row per input image.
     predictions = read_predictions(str(out))
-    assert sorted(predictions["image_id"]) == sorted(good + [name.split(".")[0] for name in BAD_FILES])
+    assert sorted(predictions["image_id"]) == sorted(good + list(BAD_FILES))
     reasons = predictions.set_index("image_id")["error"]
     for name, reason in BAD_FILES.items():
-        assert reasons[name.split(".")[0]] == reason, name
+        assert reasons[name] == reason, name
     assert reasons[good].isna().all()
     scored = predictions[predictions["error"].isna()]
     assert np.isfinite(probabilities(scored)).all() and scored["labels"].str.len().gt(0).all()
@@ -144,12 +147,12 @@ def test_every_input_gets_one_row_and_too_many_failures_exit_nonzero(tmp_path, t
     assert (summary["images"], summary["scored"], summary["failed"]) == (15, 7, 8)
     assert summary["failed_by_reason"] == {"bit_depth": 1, "channels": 2, "empty": 1, "missing_stain": 1,
                                            "not_an_image": 1, "too_large": 1, "truncated": 1}
-    assert summary["skipped"] == [str(folder / "notes.txt")]
+    assert summary["skipped"] == [f"{folder / 'notes.txt'} (not an image by name)"]
     assert "notes.txt" in stdout and "8 failed" in stdout and "images/s" in stdout
 
     # The good merged images score exactly as the Predictor scores their bytes.
     predictor = Predictor(tiny_checkpoint, device="cpu")
-    expected = [r.probabilities for r in predictor.predict_bytes([(folder / f"{i}.png").read_bytes() for i in good[:6]])]
+    expected = [r.probabilities for r in predictor.predict_bytes([(folder / name).read_bytes() for name in good[:6]])]
     np.testing.assert_allclose(probabilities(predictions.set_index("image_id").loc[good[:6]]), expected, atol=1e-5)
 
 
@@ -169,10 +172,10 @@ def test_per_stain_16bit_plate_merges_like_the_predictor_sees_the_merged_image(t
     assert predictions["plate"].eq("P001").all() and predictions["field"].eq(1).all()
 
     # Merge three 16-bit stain files by hand into one RGB TIFF and let the Predictor score it.
-    ids = ["P001_A01_f1", "P001_C05_f1", "P001_H12_f1"]
+    ids = ["P001/P001_A01_f1", "P001/P001_C05_f1", "P001/P001_H12_f1"]
     merged = []
     for image_id in ids:
-        planes = [tifffile.imread(tmp_path / "plate" / "P001" / f"{image_id}_{s}.tif") for s in ("red", "green", "blue")]
+        planes = [tifffile.imread(tmp_path / "plate" / f"{image_id}_{s}.tif") for s in ("red", "green", "blue")]
         assert planes[0].dtype == np.uint16
         buffer = io.BytesIO()
         tifffile.imwrite(buffer, np.stack(planes, -1), photometric="rgb")
@@ -249,8 +252,8 @@ def test_shards_and_a_plate_folder_on_s3_scored_into_s3(tmp_path, tiny_checkpoin
     assert summary["scored"] == 120 and summary["inputs"] == [f"{s3_bucket}/shards", f"{s3_bucket}/plate2"]
 
     # The shard rows score as the Predictor scores the original files.
-    ids = ["P001_A01_f1", "P001_D07_f1"]
-    encoded = [(Path(first["out"]) / "P001" / f"{i}.png").read_bytes() for i in ids]
+    ids = ["P001/P001_A01_f1", "P001/P001_D07_f1"]
+    encoded = [(Path(first["out"]) / f"{i}.png").read_bytes() for i in ids]
     expected = [r.probabilities for r in Predictor(tiny_checkpoint, device="cpu").predict_bytes(encoded)]
     np.testing.assert_allclose(probabilities(predictions.set_index("image_id").loc[ids]), expected, atol=1e-5)
 
@@ -294,7 +297,7 @@ def test_a_killed_job_continues_where_it_stopped(tmp_path, tiny_checkpoint, pred
     assert not list((out / "parts").glob("*.tmp-*"))
     predictions = read_predictions(str(out))
     assert len(predictions) == 96 and predictions["image_id"].is_unique
-    assert set(predictions["image_id"]) == {f"img-{i:03d}" for i in range(96)}
+    assert set(predictions["image_id"]) == {f"img-{i:03d}.png" for i in range(96)}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["chunks"] == {"total": 24, "written_this_run": 24 - len(before), "already_written": len(before)}
     assert summary["images_this_run"] == 96 - 4 * len(before)
@@ -336,7 +339,7 @@ def test_well_table_counts_failed_fields_apart_from_negatives():
         {"plate": "P1", "well": "B02", **{c: np.nan for c in PROB_COLUMNS}, "labels": None, "error": "empty"},
         {"plate": None, "well": None, **base, "labels": "0", "error": None},
     ]
-    wells = well_table(pd.DataFrame(rows)).set_index("well")
+    wells = well_table(pd.DataFrame(rows), CLASS_NAMES).set_index("well")
     assert wells.loc["A01", ["images_scored", "images_failed"]].tolist() == [2, 1]
     assert wells.loc["A01", "mean_prob_cytosol"] == pytest.approx(0.7)
     assert wells.loc["A01", "frac_pos_cytosol"] == 0.5 and wells.loc["A01", "frac_pos_nucleoplasm"] == 0.5
@@ -349,9 +352,9 @@ def test_submission_keeps_every_id_and_fills_failed_images():
     predictions = pd.DataFrame({"image_id": ["a", "b", "c"], **{c: [0.1, 0.2, np.nan] for c in PROB_COLUMNS},
                                 "labels": ["4", "", None], "error": [None, None, "truncated"]})
     predictions["prob_cytosol"] = [0.8, 0.9, np.nan]
-    filled = submission_frame(predictions, ["c", "b", "a"], allow_empty=False)
+    filled = submission_frame(predictions, list(CLASS_NAMES), ["c", "b", "a"], allow_empty=False)
     assert filled.to_dict("list") == {"Image": ["c", "b", "a"], "Label": ["6", "", "4"]}
-    assert submission_frame(predictions, ["c"], allow_empty=True)["Label"].tolist() == [""]
+    assert submission_frame(predictions, list(CLASS_NAMES), ["c"], allow_empty=True)["Label"].tolist() == [""]
 
 
 def test_compare_with_planted_measures_separation():
@@ -359,7 +362,7 @@ def test_compare_with_planted_measures_separation():
                           **{f"mean_prob_{c[5:]}": [0.1, 0.2, 0.3, 0.4] for c in PROB_COLUMNS},
                           **{f"frac_pos_{c[5:]}": [0.0, 0.0, 1.0, 1.0] for c in PROB_COLUMNS}})
     planted = pd.DataFrame({"plate": ["P"] * 4, "well": ["A01", "A02", "A03", "A04"], "labels": ["0", "0", "6", "6 0"]})
-    agreement = compare_with_planted(wells, planted).set_index("class")
+    agreement = compare_with_planted(wells, planted, CLASS_NAMES).set_index("class")
     assert agreement.loc["Cytosol", "auc"] == 1.0 and agreement.loc["Cytosol", "wells_planted"] == 2
     assert agreement.loc["Mitochondria", "mean_prob_planted"] == pytest.approx((0.1 + 0.2 + 0.4) / 3)
 
@@ -379,7 +382,7 @@ def test_predict_help_documents_the_options(capsys):
 def test_part_writer_writes_each_chunk_once_without_duplicate_rows(tmp_path):
     index = pd.DataFrame({"image_id": [f"i{n}" for n in range(5)], "source": "x", "plate": None, "well": None,
                           "field": pd.array([None] * 5, dtype="Int32")})
-    writer = PartWriter(index, chunk_size=3, chunks=[0, 1], parts=str(tmp_path))
+    writer = PartWriter(index, CLASS_NAMES, chunk_size=3, chunks=[0, 1], parts=str(tmp_path))
 
     def results(rows, error=""):
         n = len(rows)

@@ -11,9 +11,11 @@ from PIL import Image
 
 from protein_ray import storage
 from protein_ray.data import dataset_of, stratified_split, write_shards
-from protein_ray.inputs import DataSourceError, image_folder_index, kaggle_index, resolve_input
+from protein_ray.folders import image_folder_index
+from protein_ray.inputs import kaggle_index, resolve_input
 from protein_ray.labels import LabelError
 from protein_ray.shards import ShardFormatError
+from protein_ray.sources import DataSourceError, InputOptions
 from protein_ray.storage import INCOMPLETE_MARKER
 
 pytestmark = pytest.mark.ray
@@ -23,7 +25,7 @@ LABEL_SETS = ["4", "6 4", "0", "7 6", "2", "9 4", "1", "3 6", "8", "5 2"]
 
 def read_shards(uri: str, split: str | None = None):
     """A Ray Dataset of a shard root's rows, the way every command reads them."""
-    return dataset_of(resolve_input(uri, split))
+    return dataset_of(resolve_input(uri, InputOptions(split=split)))
 
 
 def png_bytes(seed: int, size: int = 24) -> bytes:
@@ -106,7 +108,7 @@ def test_separate_16bit_plate_stains_merge_into_shards(ray_session, tmp_path, re
         red, green = (rng.integers(0, 65535, (64, 64), dtype=np.uint16) for _ in range(2))
         for stain, plane in zip(("red", "green", "blue"), (red, green, nucleus)):
             write_stain(plate / f"P001_{well}_f{field}_{stain}.tif", plane)
-        expected[f"P001_{well}_f{field}"] = np.stack([red, green, nucleus], axis=-1)
+        expected[f"P001/P001_{well}_f{field}"] = np.stack([red, green, nucleus], axis=-1)
     (plate / "notes.txt").write_text("acquisition notes")
     write_shards(str(tmp_path / "plate"), str(tmp_path / "shards"))
     rows = read_shards(str(tmp_path / "shards")).to_pandas().set_index("image_id")
@@ -115,9 +117,9 @@ def test_separate_16bit_plate_stains_merge_into_shards(ray_session, tmp_path, re
         merged = tifffile.imread(io.BytesIO(rows.loc[image_id, "image"]))
         np.testing.assert_array_equal(merged, pixels)  # lossless 16-bit merge
         assert rows.loc[image_id, "plate"] == "P001"
-    assert rows.loc["P001_B07_f1", "well"] == "B07" and rows.loc["P001_A01_f2", "field"] == 2
+    assert rows.loc["P001/P001_B07_f1", "well"] == "B07" and rows.loc["P001/P001_A01_f2", "field"] == 2
     manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
-    assert manifest["skipped_non_images"] == [str(plate / "notes.txt")]
+    assert manifest["skipped_non_images"] == [f"{plate / 'notes.txt'} (not an image by name)"]
 
 
 def test_plate_index_parses_names_and_groups_stains(tmp_path):
@@ -125,8 +127,8 @@ def test_plate_index_parses_names_and_groups_stains(tmp_path):
         (tmp_path / name).write_bytes(png_bytes(1))
     index, skipped = image_folder_index(str(tmp_path))
     rows = index.set_index("image_id")
-    assert set(rows.index) == {"P002_C03_f1", "P002_C03_f2", "loose_picture"}
-    assert rows.loc["P002_C03_f1", "well"] == "C03" and pd.isna(rows.loc["loose_picture", "plate"])
+    assert set(rows.index) == {"P002_C03_f1", "P002_C03_f2", "loose_picture.png"}
+    assert rows.loc["P002_C03_f1", "well"] == "C03" and pd.isna(rows.loc["loose_picture.png", "plate"])
     assert skipped == []
 
 

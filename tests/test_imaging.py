@@ -13,7 +13,6 @@ from protein_ray.imaging import (
     ImageDecodeError,
     Preprocessing,
     decode_image,
-    merge_channels,
     normalize_batch,
     preprocess_batch,
     resize_images,
@@ -49,7 +48,7 @@ def test_rgba_drops_alpha(rgb8):
 
 def test_real_16bit_nucleus_tiff_merges_as_blue(real_nucleus_tif):
     zeros = encode(np.zeros((512, 512), np.uint16), "TIFF")
-    merged = merge_channels([zeros, zeros, real_nucleus_tif])
+    merged = decode_image([zeros, zeros, real_nucleus_tif])
     raw = tifffile.imread(io.BytesIO(real_nucleus_tif))
     assert raw.dtype == np.uint16 and merged.shape == (512, 512, 3)
     np.testing.assert_allclose(merged[..., 2], raw / 65535.0, atol=1e-7)
@@ -59,7 +58,7 @@ def test_real_16bit_nucleus_tiff_merges_as_blue(real_nucleus_tif):
 def test_sixteen_bit_png_grey_stains_merge():
     grey16 = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
     stain = encode(grey16, "PNG")
-    merged = merge_channels([stain, stain, stain])
+    merged = decode_image([stain, stain, stain])
     np.testing.assert_allclose(merged[..., 1], grey16 / 65535.0, atol=1e-7)
 
 
@@ -123,7 +122,7 @@ def test_float_tiff_is_a_bit_depth_error():
 def test_stains_of_different_sizes_are_refused():
     a, b = encode(np.zeros((8, 8), np.uint8), "PNG"), encode(np.zeros((9, 8), np.uint8), "PNG")
     with pytest.raises(ImageDecodeError, match="differ in size"):
-        merge_channels([a, a, b])
+        decode_image([a, a, b])
 
 
 def test_preprocess_resizes_and_normalizes(rgb8):
@@ -150,15 +149,15 @@ def test_augmentation_keeps_content_and_varies(rgb8):
 def test_mixed_8_and_16_bit_stains_give_one_tensor_in_shards_and_in_scoring(real_nucleus_tif):
     """Shards store merged stains re-encoded; scoring merges the files directly.
     Both go through stack_stains, so the model sees the same numbers."""
-    from protein_ray.data import encode_merged_rgb
+    from protein_ray.data import encode_merged
     from protein_ray.imaging import stack_stains
 
     nucleus = tifffile.imread(io.BytesIO(real_nucleus_tif))
     red8 = np.random.default_rng(0).integers(0, 256, nucleus.shape, dtype=np.uint8)
     green8 = (nucleus >> 8).astype(np.uint8)
     stains = [encode(red8, "PNG"), encode(green8, "PNG"), encode(nucleus, "TIFF")]
-    scored = merge_channels(stains)
-    from_shard = decode_image(encode_merged_rgb(stack_stains(stains)))
+    scored = decode_image(stains)
+    from_shard = decode_image(encode_merged(stack_stains(stains)))
     np.testing.assert_array_equal(from_shard, scored)
     np.testing.assert_allclose(scored[..., 0], red8 / 255.0, atol=1e-7)  # 8-bit keeps its 0..1 meaning
     np.testing.assert_allclose(scored[..., 2], nucleus / 65535.0, atol=1e-7)

@@ -421,3 +421,35 @@ def test_serve_config_yaml_states_the_code_defaults():
     assert classifier["autoscaling_config"]["max_replicas"] == defaults.CLASSIFIER_MAX_REPLICAS
     assert classifier["user_config"]["max_batch_size"] == defaults.SERVE_MAX_BATCH_SIZE
     assert classifier["user_config"]["batch_wait_timeout_s"] == defaults.SERVE_BATCH_WAIT_S
+
+
+def test_four_stain_model_takes_one_part_per_stain(client, serve_port, tmp_path):
+    """A multi-stain model gets one file per stain as multipart parts named after
+    the stains; GET /model says which stains (and classes) it expects."""
+    import torch
+
+    torch.manual_seed(4)
+    spec = Preprocessing(48, mean=(0.1,) * 4, std=(0.2,) * 4, stains=("red", "green", "blue", "yellow"))
+    checkpoint = str(save_checkpoint(tmp_path / "rgby", create_model("test_resnet", in_chans=4),
+                                     ModelCard(backbone="test_resnet", preprocessing=spec)))
+    deploy(checkpoint, name="rgby", route_prefix="/rgby")
+    model = client.get("/rgby/model").json()
+    assert [stain["name"] for stain in model["stains"]] == ["red", "green", "blue", "yellow"]
+    assert model["classes"] == list(CLASS_NAMES)
+
+    rng = np.random.default_rng(5)
+    stains = {name: encode(rng.integers(0, 4096, (40, 40), dtype=np.uint16), "TIFF")
+              for name in ("yellow", "red", "blue", "green")}  # any order: the names decide
+    response = client.post("/rgby/predict", files=[(name, (f"{name}.tif", data, "image/tiff"))
+                                                   for name, data in stains.items()])
+    assert response.status_code == 200, response.text
+    [served] = response.json()["predictions"]
+    direct = Predictor(checkpoint, device="cpu").predict_bytes([[stains[s] for s in spec.stain_names]])[0]
+    np.testing.assert_allclose(list(served["probabilities"].values()), direct.probabilities, atol=1e-5)
+
+    missing = client.post("/rgby/predict", files=[(name, (name, stains[name], "image/tiff"))
+                                                  for name in ("red", "green", "blue")])
+    assert missing.status_code == 400 and missing.json()["error"] == "missing_stain"
+    assert "yellow" in missing.json()["detail"]
+    merged_rgb = client.post("/rgby/predict", content=rgb_png(), headers={"Content-Type": "image/png"})
+    assert merged_rgb.status_code == 422 and merged_rgb.json()["error"] == "channels"

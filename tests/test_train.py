@@ -203,7 +203,7 @@ def test_corrupt_training_images_are_counted_then_fatal_past_the_limit(ray_sessi
     victim = sorted((root / "train").glob("*.png"))[4]
     victim.write_bytes(victim.read_bytes()[:100])  # truncated
     settings = [f"data.path={root}", "data.image_size=32", f"data.cache_decoded_gib={cache_gib}"]
-    datasets, train_count, bad = prepare_datasets(load_config(None, [*settings, "data.max_bad_fraction=0.1"]))
+    datasets, train_count, bad, _ = prepare_datasets(load_config(None, [*settings, "data.max_bad_fraction=0.1"]))
     assert bad == 1
     batches = {name: list(data.iter_torch_batches(batch_size=8, collate_fn=BatchCollator(Preprocessing(image_size=32), augment=True)))
                for name, data in datasets.items()}

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from protein_ray import storage
 from protein_ray.imaging import ImageDecodeError, Preprocessing, decode_image, preprocess_batch
-from protein_ray.inputs import missing_stains
+from protein_ray.sources import missing_stains
 
 READ_THREADS = 8  # concurrent reads per decode task
 

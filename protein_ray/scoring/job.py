@@ -20,6 +20,7 @@ from protein_ray.scoring.options import ErrorRateExceeded, PredictOptions
 from protein_ray.scoring.outputs import write_outputs
 from protein_ray.scoring.parts import FORMAT, PARTS_DIR, PartWriter, job_description, prepare_output
 from protein_ray.scoring.pipeline import plan_resources, scoring_dataset
+from protein_ray.sources import InputOptions, parse_channel_map
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def score(options: PredictOptions) -> dict:
     options = replace(options, output=storage.absolute(options.output),
                       checkpoint=resolve_checkpoint(options.checkpoint))
     card = read_model_card(options.checkpoint)
-    index = resolve_inputs(options.inputs, options.split, options.pattern)
+    index = resolve_inputs(options.inputs, input_options(options, card))
     for uri in index.skipped:
         logger.warning("skipped (not an image by name): %s", uri)
     done = prepare_output(options.output, job_description(options, index), options.overwrite)
@@ -43,12 +44,12 @@ def score(options: PredictOptions) -> dict:
     todo = [c for c in range(n_chunks) if c not in done]
     logger.info("%d images in %d chunk(s) of %d; %d chunk(s) already written in %s", len(index.rows), n_chunks,
                 options.chunk_size, len(done), options.output)
-    writer = PartWriter(index.rows, options.chunk_size, todo, storage.join(options.output, PARTS_DIR))
+    writer = PartWriter(index.rows, card.class_names, options.chunk_size, todo, storage.join(options.output, PARTS_DIR))
     if todo:
         run_pipeline(options, card, index, writer)
     scoring_seconds = time.perf_counter() - writer.started
     thresholds = np.asarray(card.thresholds, dtype=np.float32)
-    outputs, predictions = write_outputs(options, index, thresholds)
+    outputs, predictions = write_outputs(options, index, card, thresholds)
     summary = build_summary(options, index, predictions, writer, n_chunks) | {
         "scoring_seconds": round(scoring_seconds, 3),
         "images_per_s": round(writer.images / scoring_seconds, 2) if writer.images else None,
@@ -69,6 +70,14 @@ def score(options: PredictOptions) -> dict:
     return summary
 
 
+def input_options(options: PredictOptions, card: ModelCard) -> InputOptions:
+    """How to read the inputs for this checkpoint: its stains, its classes."""
+    stains = card.preprocessing.stain_names
+    return InputOptions(split=options.split, layout=options.layout, pattern=options.pattern, stains=stains,
+                        channel_map=parse_channel_map(options.channel_map, stains),
+                        num_classes=len(card.class_names))
+
+
 def run_pipeline(options: PredictOptions, card: ModelCard, index: InputIndex, writer: PartWriter) -> None:
     """Stream the chunks still to do through Ray Data into part files."""
     import ray
@@ -79,7 +88,9 @@ def run_pipeline(options: PredictOptions, card: ModelCard, index: InputIndex, wr
     logger.info("model stage: %d actor(s) with %g GPU and %g CPU each, batch %d", resources.actors,
                 resources.num_gpus, resources.cpus_per_actor, options.batch_size)
     work = chunk_work(index.rows, options.chunk_size, list(writer.expected))
-    for batch in scoring_dataset(work, options, card, resources).iter_batches(batch_size=None, batch_format="numpy"):
+    preprocessing = card.preprocessing.with_bits(options.bit_depth)
+    dataset = scoring_dataset(work, options, preprocessing, resources)
+    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
         writer.add(batch)
     writer.check_complete()
 

@@ -30,7 +30,10 @@ class PredictOptions:
     inputs: list[str]
     output: str
     split: str | None = None  # Kaggle roots and shards: which split (default: test, else the only one)
-    pattern: str | None = None  # plate file-name regex (default: data.DEFAULT_PLATE_PATTERN)
+    layout: str = "auto"  # folders: auto, kaggle, plate, imagexpress, phenix
+    pattern: str | None = None  # folders: file-name regex with named groups (overrides the layout's)
+    channel_map: str | None = None  # "1=blue,2=green,...": file channel -> the checkpoint's stain
+    bit_depth: int | None = None  # read 16-bit files as this many bits (12-bit cameras); default: the checkpoint's
     batch_size: int = 32  # images per model call
     actors: int | None = None  # model actors (default: one per GPU, else 1)
     num_gpus: float | None = None  # per actor (default: 1 when the cluster has GPUs)
@@ -68,6 +71,7 @@ class PredictOptions:
             (self.max_pixels < 1, "--max-pixels must be at least 1"),
             (not 0 <= self.max_error_rate <= 1, "--max-error-rate must be between 0 and 1"),
             (not self.inputs, "give at least one --input"),
+            (self.bit_depth is not None and not 8 <= self.bit_depth <= 16, "--bit-depth must be between 8 and 16"),
         ]
         for failed, message in problems:
             if failed:

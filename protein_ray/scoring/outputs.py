@@ -10,10 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from protein_ray import storage
+from protein_ray.checkpoint import ModelCard
 from protein_ray.inputs import InputIndex
-from protein_ray.labels import CLASS_NAMES, format_label_string
+from protein_ray.labels import format_label_string
 from protein_ray.metrics import apply_thresholds
-from protein_ray.plates import PROB_COLUMNS, well_table, write_heatmaps
+from protein_ray.plates import prob_columns, well_table, write_heatmaps
 from protein_ray.scoring.options import PredictJobError, PredictOptions
 from protein_ray.scoring.parts import PARTS_DIR, chunk_of_part, parquet_bytes, predictions_schema
 
@@ -21,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 # Most frequent class of the real data (DESIGN.md section 9): the submission's last
 # resort for an image that could not be scored when nothing else was scored either.
-MOST_FREQUENT_CLASS = CLASS_NAMES.index("Nucleoplasm")
+MOST_FREQUENT_CLASS = "Nucleoplasm"
 
 
 def read_parts(parts: str) -> pd.DataFrame:
@@ -31,25 +32,26 @@ def read_parts(parts: str) -> pd.DataFrame:
     return pa.concat_tables(tables, promote_options="permissive").to_pandas()
 
 
-def label_strings(frame: pd.DataFrame, thresholds, never_empty: bool) -> list[str | None]:
+def label_strings(frame: pd.DataFrame, classes: list[str], thresholds, never_empty: bool) -> list[str | None]:
     """Kaggle label strings from the probabilities (None for failed rows)."""
     scored = frame["error"].isna().to_numpy()
     labels: list[str | None] = [None] * len(frame)
     if scored.any():
-        chosen = apply_thresholds(frame.loc[scored, list(PROB_COLUMNS)].to_numpy(), thresholds, never_empty)
+        chosen = apply_thresholds(frame.loc[scored, prob_columns(classes)].to_numpy(), thresholds, never_empty)
         for position, row in zip(np.flatnonzero(scored), chosen):
-            labels[position] = format_label_string(np.flatnonzero(row).tolist())
+            labels[position] = format_label_string(np.flatnonzero(row).tolist(), num_classes=len(classes))
     return labels
 
 
-def predictions_frame(parts: pd.DataFrame, thresholds, never_empty: bool) -> pd.DataFrame:
+def predictions_frame(parts: pd.DataFrame, classes: list[str], thresholds, never_empty: bool) -> pd.DataFrame:
     frame = parts.sort_values("row", ignore_index=True)
-    frame["labels"] = label_strings(frame, thresholds, never_empty)
-    columns = ["image_id", "source", "plate", "well", "field", *PROB_COLUMNS, "labels", "error", "error_detail"]
+    frame["labels"] = label_strings(frame, classes, thresholds, never_empty)
+    columns = ["image_id", "source", "plate", "well", "field", *prob_columns(classes), "labels", "error",
+               "error_detail"]
     return frame[columns + (["embedding"] if "embedding" in frame else [])]
 
 
-def submission_frame(predictions: pd.DataFrame, ids: list[str], allow_empty: bool) -> pd.DataFrame:
+def submission_frame(predictions: pd.DataFrame, classes: list[str], ids: list[str], allow_empty: bool) -> pd.DataFrame:
     """Kaggle's Image,Label for ``ids`` in their order. An image that could not be
     scored still gets a row: empty with ``allow_empty``, else the class most
     probable on average over the scored images (an empty answer always scores 0)."""
@@ -58,9 +60,9 @@ def submission_frame(predictions: pd.DataFrame, ids: list[str], allow_empty: boo
     if allow_empty:
         fallback = ""
     elif len(scored):
-        fallback = str(int(np.argmax(scored[list(PROB_COLUMNS)].to_numpy().mean(axis=0))))
+        fallback = str(int(np.argmax(scored[prob_columns(classes)].to_numpy().mean(axis=0))))
     else:
-        fallback = str(MOST_FREQUENT_CLASS)
+        fallback = str(classes.index(MOST_FREQUENT_CLASS) if MOST_FREQUENT_CLASS in classes else 0)
     column = [labels.get(image_id) for image_id in ids]
     filled = sum(1 for label in column if not isinstance(label, str))
     if filled:
@@ -76,28 +78,29 @@ def write_table(frame: pd.DataFrame, uri: str, schema: pa.Schema | None = None) 
     return uri
 
 
-def write_outputs(options: PredictOptions, index: InputIndex, thresholds) -> tuple[dict, pd.DataFrame]:
+def write_outputs(options: PredictOptions, index: InputIndex, card: ModelCard, thresholds) -> tuple[dict, pd.DataFrame]:
     """Final outputs from all part files; returns (output URIs, predictions)."""
     out = options.output
     parts = read_parts(storage.join(out, PARTS_DIR))
     if len(parts) != len(index.rows) or not np.array_equal(np.sort(parts["row"].to_numpy()), np.arange(len(index.rows))):
         raise PredictJobError(f"{out}/{PARTS_DIR} holds {len(parts)} rows for {len(index.rows)} input images; "
                               "rerun with --overwrite")
-    predictions = predictions_frame(parts, thresholds, never_empty=not options.allow_empty)
+    classes = card.class_names
+    predictions = predictions_frame(parts, classes, thresholds, never_empty=not options.allow_empty)
     table = predictions.drop(columns=["embedding"], errors="ignore")
-    written = {"predictions_parquet": write_table(table, storage.join(out, "predictions.parquet"), predictions_schema()),
+    written = {"predictions_parquet": write_table(table, storage.join(out, "predictions.parquet"), predictions_schema(classes)),
                "predictions_csv": write_table(table, storage.join(out, "predictions.csv"))}
     if options.embeddings:
         embeddings = predictions[["image_id", "embedding"]]
         written["embeddings_parquet"] = write_table(embeddings, storage.join(out, "embeddings.parquet"))
-    wells = well_table(table)
+    wells = well_table(table, classes)
     if len(wells):
         written["wells_parquet"] = write_table(wells, storage.join(out, "wells.parquet"))
         written["wells_csv"] = write_table(wells, storage.join(out, "wells.csv"))
         if options.heatmaps:
-            written["heatmaps"] = write_heatmaps(wells, storage.join(out, "heatmaps"))
+            written["heatmaps"] = write_heatmaps(wells, storage.join(out, "heatmaps"), classes)
     ids = table["image_id"].tolist() if options.submission else index.submission_ids
     if ids:
-        written["submission_csv"] = write_table(submission_frame(table, ids, options.allow_empty),
+        written["submission_csv"] = write_table(submission_frame(table, classes, ids, options.allow_empty),
                                                 storage.join(out, "submission.csv"))
     return written, table

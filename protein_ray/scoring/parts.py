@@ -12,6 +12,7 @@ import logging
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -20,7 +21,7 @@ import pyarrow.parquet as pq
 
 from protein_ray import storage
 from protein_ray.inputs import InputIndex
-from protein_ray.plates import PROB_COLUMNS
+from protein_ray.plates import prob_columns
 from protein_ray.scoring.options import PredictJobError, PredictOptions
 
 logger = logging.getLogger(__name__)
@@ -35,18 +36,18 @@ OUTPUT_NAMES = (
 PROGRESS_EVERY_S = 10.0
 
 
-def predictions_schema(with_labels: bool = True) -> pa.Schema:
+def predictions_schema(classes: Sequence[str], with_labels: bool = True) -> pa.Schema:
     """Columns of predictions.parquet (and, without ``labels``, of the part files):
     typed explicitly so that a part whose plates are all unknown still has string columns."""
     columns = [("image_id", pa.string()), ("source", pa.string()), ("plate", pa.string()), ("well", pa.string()),
                ("field", pa.int32())]
-    columns += [(column, pa.float32()) for column in PROB_COLUMNS]
+    columns += [(column, pa.float32()) for column in prob_columns(classes)]
     columns += [("labels", pa.string())] if with_labels else []
     return pa.schema(columns + [("error", pa.string()), ("error_detail", pa.string())])
 
 
-def part_schema(embedding_width: int | None) -> pa.Schema:
-    schema = predictions_schema(with_labels=False).insert(0, pa.field("row", pa.int64()))
+def part_schema(classes: Sequence[str], embedding_width: int | None) -> pa.Schema:
+    schema = predictions_schema(classes, with_labels=False).insert(0, pa.field("row", pa.int64()))
     if embedding_width:
         schema = schema.append(pa.field("embedding", pa.list_(pa.float32(), embedding_width)))
     return schema
@@ -75,14 +76,14 @@ def write_atomically(uri: str, data: bytes) -> None:
     fs.move(path, storage.resolve(uri)[1])
 
 
-def part_table(index: pd.DataFrame, results: dict) -> pa.Table:
+def part_table(index: pd.DataFrame, classes: Sequence[str], results: dict) -> pa.Table:
     """A chunk's rows: index metadata joined with the model stage's results, in row order."""
     order = np.argsort(results["row"])
     rows = results["row"][order]
     meta = index.loc[rows, ["image_id", "source", "plate", "well", "field"]].reset_index(drop=True)
     frame = pd.concat([pd.DataFrame({"row": rows}), meta], axis=1)
     probs = results["probs"][order]
-    for c, column in enumerate(PROB_COLUMNS):
+    for c, column in enumerate(prob_columns(classes)):
         frame[column] = probs[:, c]
     errors = results["error"][order]
     frame["error"] = [str(e) if e else None for e in errors]
@@ -90,7 +91,7 @@ def part_table(index: pd.DataFrame, results: dict) -> pa.Table:
     width = results["embedding"].shape[1] if "embedding" in results else None
     if width:
         frame["embedding"] = [None if e else row for e, row in zip(errors, results["embedding"][order])]
-    return pa.Table.from_pandas(frame, schema=part_schema(width), preserve_index=False)
+    return pa.Table.from_pandas(frame, schema=part_schema(classes, width), preserve_index=False)
 
 
 def parquet_bytes(table: pa.Table) -> bytes:
@@ -103,8 +104,8 @@ class PartWriter:
     """Driver side of the stream: collects result rows per chunk, writes a chunk's
     part file once all its rows are in, and reports progress."""
 
-    def __init__(self, index: pd.DataFrame, chunk_size: int, chunks: list[int], parts: str):
-        self.index, self.chunk_size, self.parts = index, chunk_size, parts
+    def __init__(self, index: pd.DataFrame, classes: Sequence[str], chunk_size: int, chunks: list[int], parts: str):
+        self.index, self.classes, self.chunk_size, self.parts = index, classes, chunk_size, parts
         self.expected = {c: len(index.iloc[c * chunk_size:(c + 1) * chunk_size]) for c in chunks}
         self.pieces: dict[int, list[dict]] = defaultdict(list)
         self.rows_in: dict[int, set[int]] = defaultdict(set)
@@ -134,7 +135,7 @@ class PartWriter:
         pieces = self.pieces.pop(chunk)
         del self.rows_in[chunk]
         results = {key: np.concatenate([piece[key] for piece in pieces]) for key in pieces[0]}
-        write_atomically(part_uri(self.parts, chunk), parquet_bytes(part_table(self.index, results)))
+        write_atomically(part_uri(self.parts, chunk), parquet_bytes(part_table(self.index, self.classes, results)))
         self.written.add(chunk)
         self._report(f"part {chunk} written ({len(self.written)} of {len(self.expected)} this run)")
 
@@ -163,6 +164,8 @@ def job_description(options: PredictOptions, index: InputIndex) -> dict:
         "tta": options.tta,
         "embeddings": options.embeddings,
         "max_pixels": options.max_pixels,
+        "layout": [options.layout, options.pattern, options.channel_map],
+        "bit_depth": options.bit_depth,
     }
 
 

@@ -10,7 +10,6 @@ import ray
 import ray.data
 import torch
 
-from protein_ray.checkpoint import ModelCard
 from protein_ray.imaging import Preprocessing
 from protein_ray.predictor import Predictor
 from protein_ray.scoring.decode import decode_chunks
@@ -73,14 +72,15 @@ def plan_resources(options: PredictOptions, cluster: dict, checkpoint_bytes: int
     return Resources(actors, num_gpus, options.cpus_per_actor, int(memory))
 
 
-def scoring_dataset(work_items: list[dict], options: PredictOptions, card: ModelCard, resources: Resources):
+def scoring_dataset(work_items: list[dict], options: PredictOptions, preprocessing: Preprocessing,
+                    resources: Resources):
     """The lazy Ray Dataset: chunk items -> decoded rows (tasks) -> probabilities (actors)."""
     items = ray.data.from_items(work_items, override_num_blocks=len(work_items))
     decoded = items.map_batches(
         decode_chunks,
         batch_size=1,
         batch_format="numpy",
-        fn_kwargs={"preprocessing": card.preprocessing, "max_pixels": options.max_pixels,
+        fn_kwargs={"preprocessing": preprocessing, "max_pixels": options.max_pixels,
                    "decode_batch": options.decode_batch},
         num_cpus=1,
         compute=ray.data.TaskPoolStrategy(size=options.decode_tasks) if options.decode_tasks else None,
