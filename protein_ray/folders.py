@@ -144,14 +144,13 @@ def field_of_match(match: re.Match, relative: str, layout: FolderLayout) -> dict
 
 def add_file(groups: dict[str, dict], image: dict, stain: str, uri: str) -> None:
     """File ``uri`` holds ``stain`` of ``image``; two files for one slot are an error naming both."""
-    group = groups.setdefault(image["key"], {**image, "stains": {}})
-    taken = group["stains"].get(stain) or (group["stains"].get("merged") if stain != "merged" else None)
-    if taken is None and stain == "merged" and group["stains"]:
-        taken = next(iter(group["stains"].values()))
+    slots = groups.setdefault(image["key"], {**image, "stains": {}})["stains"]
+    # A merged file holds every stain: it clashes with any other file of the image.
+    taken = next(iter(slots.values()), None) if stain == "merged" else slots.get(stain) or slots.get("merged")
     if taken is not None:
         raise DataSourceError(f"{taken} and {uri} both hold {stain if stain != 'merged' else 'the image'} of "
                               f"{image['image_id']}: rename or remove one, or pass a --pattern that tells them apart")
-    group["stains"][stain] = uri
+    slots[stain] = uri
 
 
 def index_row(group: dict, stains: tuple[str, ...]) -> dict:

@@ -94,6 +94,8 @@ def resolve_input(uri: str, options: InputOptions = InputOptions()) -> InputInde
     uri = storage.absolute(uri)
     if not storage.exists(uri):
         raise DataSourceError(f"{uri}: does not exist")
+    if options.layout == "kaggle" and not is_kaggle_root(uri):
+        raise DataSourceError(f"--layout kaggle: {uri} has no train.csv or submission.csv")
     chosen = choose_split(available_splits(uri), options.split, uri)
     if is_shard_root(uri):
         rows = shard_index(uri, chosen)
