@@ -433,3 +433,13 @@ def test_resource_plan_refuses_what_the_cluster_cannot_give():
     small, tta = (plan_resources(PredictOptions("c", ["i"], "o", tta=t), {"CPU": 4.0}, 1, Preprocessing(512))
                   for t in (False, True))
     assert tta.actor_memory > small.actor_memory  # four views of each batch are held at once
+
+
+def test_plate_grid_puts_each_well_at_its_row_and_column():
+    from protein_ray.plates import parse_well, plate_grid
+
+    wells = pd.DataFrame({"well": ["B07", "H12", "A1"], "value": [0.5, 0.9, 0.1]})
+    grid = plate_grid(wells, "value", (8, 12))
+    assert parse_well("B7") == parse_well("B07") == (1, 6) and parse_well("Q01") is None
+    assert grid[1, 6] == 0.5 and grid[7, 11] == 0.9 and grid[0, 0] == 0.1  # row B, column 7
+    assert np.isnan(grid[6, 1]) and np.isnan(grid).sum() == 96 - 3
