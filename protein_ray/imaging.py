@@ -157,6 +157,8 @@ def _decode_with_pillow(data: bytes, max_pixels: int) -> np.ndarray:
         raise ImageDecodeError("not_an_image", "not a PNG, TIFF or JPEG image") from None
     except Image.DecompressionBombError as error:
         raise ImageDecodeError("too_large", str(error)) from None
+    except (OSError, SyntaxError, ValueError) as error:  # a header cut short: Pillow's "Truncated File Read"
+        raise ImageDecodeError("truncated", f"image header is truncated or corrupt ({error})") from None
     _check_pixel_count(image.width * image.height, max_pixels)
     try:
         with warnings.catch_warnings():

@@ -161,3 +161,14 @@ def test_mixed_8_and_16_bit_stains_give_one_tensor_in_shards_and_in_scoring(real
     np.testing.assert_array_equal(from_shard, scored)
     np.testing.assert_allclose(scored[..., 0], red8 / 255.0, atol=1e-7)  # 8-bit keeps its 0..1 meaning
     np.testing.assert_allclose(scored[..., 2], nucleus / 65535.0, atol=1e-7)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_every_truncation_of_a_file_is_a_decode_error(fmt, rgb8):
+    """A file cut anywhere (header included) is an ImageDecodeError with a reason,
+    never a raw OSError that escapes the callers' error handling."""
+    data = encode(rgb8, fmt)
+    for length in range(1, len(data), max(1, len(data) // 97)):
+        with pytest.raises(ImageDecodeError) as error:
+            decode_image(data[:length])
+        assert error.value.reason in ("not_an_image", "truncated"), length
