@@ -43,6 +43,9 @@ from protein_ray.spec import load_spec
 logger = logging.getLogger(__name__)
 
 
+MIN_ONECYCLE_STEPS = 10
+
+
 @dataclass(frozen=True)
 class TrainJob:
     """Everything a training worker needs, typed: the run's configuration, the
@@ -94,7 +97,9 @@ def per_sample_loss(logits: torch.Tensor, targets: torch.Tensor, optim: OptimCon
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig, steps_per_epoch: int):
     optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
     total = max(1, optim.epochs * steps_per_epoch)
-    if optim.schedule == "onecycle":
+    # One-cycle's warm-up needs whole steps: with 5 steps its phase is 0 steps long and
+    # torch divides by zero. Runs that short are smoke tests; they anneal instead.
+    if optim.schedule == "onecycle" and total >= MIN_ONECYCLE_STEPS:
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=optim.lr, total_steps=total, pct_start=0.2)
     else:
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)

@@ -257,3 +257,17 @@ def test_restored_optimizer_and_schedule_continue_where_they_stopped(schedule):
     state = fresh_optimizer.state_dict()["state"]
     torch.testing.assert_close(state[0]["exp_avg"], saved["state"][0]["exp_avg"])
     assert int(state[0]["step"]) == 10
+
+
+@pytest.mark.parametrize("steps", range(1, 13))
+def test_every_run_length_has_a_schedule_that_steps_to_the_end(steps):
+    """A one-epoch smoke run died with ZeroDivisionError inside OneCycleLR (5 steps)."""
+    from protein_ray.config import OptimConfig
+    from protein_ray.train import build_optimizer
+
+    model = torch.nn.Linear(2, 2)
+    optimizer, scheduler = build_optimizer(model, OptimConfig(epochs=1), steps_per_epoch=steps)
+    for _ in range(steps):
+        optimizer.step()
+        scheduler.step()
+    assert 0 <= scheduler.get_last_lr()[0] <= OptimConfig().lr
