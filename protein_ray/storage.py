@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import uuid
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -18,6 +19,7 @@ import pyarrow.fs as pafs
 S3_PREFIX = "s3://"
 # Present in a folder while it is being written; removed last, so a crash never looks finished.
 INCOMPLETE_MARKER = "_INCOMPLETE"
+TEMPORARY_INFIX = ".tmp-"  # <file>.tmp-<hex>: a local write in progress (left behind only by a crash)
 
 
 class StorageError(OSError):
@@ -125,13 +127,22 @@ def read_text(uri: str) -> str:
 
 
 def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole file atomically: a reader (or a rerun after a crash) sees the old
+    file or the new one, never half of it. An S3 object appears only once complete;
+    a local file is written under a temporary name and renamed over the target."""
     fs, path = resolve(uri)
+    target = path if is_s3(uri) else f"{path}{TEMPORARY_INFIX}{uuid.uuid4().hex[:8]}"
     try:
         fs.create_dir(posixpath.dirname(path) if is_s3(uri) else str(Path(path).parent), recursive=True)
-        with fs.open_output_stream(path) as stream:
+        with fs.open_output_stream(target) as stream:
             stream.write(data)
+        if target != path:
+            fs.move(target, path)
     except OSError as error:
         raise _storage_error(uri, error) from error
+    finally:
+        if target != path and Path(target).exists():
+            Path(target).unlink()  # the write failed: drop the partial copy, keep the old file
 
 
 def write_text(uri: str, text: str) -> None:

@@ -203,3 +203,16 @@ def test_unreachable_s3_endpoint_is_a_clear_error(monkeypatch, s3_server):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     with pytest.raises(storage.StorageError, match="cannot reach the S3 endpoint http://127.0.0.1:9"):
         write_shards("s3://nowhere/kaggle", "s3://nowhere/shards")
+
+
+def test_a_failed_write_leaves_the_old_file_whole(tmp_path):
+    """job.json, summary.json, predictions and history.jsonl are rewritten in place
+    by reruns; a write that dies half-way must not leave a file no one can parse."""
+    target = str(tmp_path / "summary.json")
+    storage.write_text(target, '{"images": 10}')
+    with pytest.raises(TypeError):
+        storage.write_bytes(target, object())  # dies while writing
+    assert storage.read_text(target) == '{"images": 10}'
+    storage.write_text(target, '{"images": 12}')
+    assert storage.read_text(target) == '{"images": 12}'
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no partial copy left behind

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -62,18 +61,6 @@ def chunk_of_part(uri: str) -> int | None:
     if name.startswith("part-") and name.endswith(".parquet"):
         return int(name[len("part-"):-len(".parquet")])
     return None
-
-
-def write_atomically(uri: str, data: bytes) -> None:
-    """A reader (or a rerun) sees the whole file or none: local files are written
-    under a temporary name and renamed; an S3 object appears only once complete."""
-    if storage.is_s3(uri):
-        storage.write_bytes(uri, data)
-        return
-    temporary = f"{uri}.tmp-{uuid.uuid4().hex[:8]}"
-    storage.write_bytes(temporary, data)
-    fs, path = storage.resolve(temporary)
-    fs.move(path, storage.resolve(uri)[1])
 
 
 def part_table(index: pd.DataFrame, classes: Sequence[str], results: dict) -> pa.Table:
@@ -135,7 +122,7 @@ class PartWriter:
         pieces = self.pieces.pop(chunk)
         del self.rows_in[chunk]
         results = {key: np.concatenate([piece[key] for piece in pieces]) for key in pieces[0]}
-        write_atomically(part_uri(self.parts, chunk), parquet_bytes(part_table(self.index, self.classes, results)))
+        storage.write_bytes(part_uri(self.parts, chunk), parquet_bytes(part_table(self.index, self.classes, results)))
         self.written.add(chunk)
         self._report(f"part {chunk} written ({len(self.written)} of {len(self.expected)} this run)")
 
@@ -194,7 +181,7 @@ def prepare_output(output: str, job: dict, overwrite: bool) -> set[int]:
     parts = storage.join(output, PARTS_DIR)
     done = set()
     for uri in storage.list_files(parts, recursive=False) if storage.exists(parts) else []:
-        if ".tmp-" in uri.rsplit("/", 1)[-1]:
+        if storage.TEMPORARY_INFIX in uri.rsplit("/", 1)[-1]:
             storage.delete_file(uri)  # left by an interrupted write; its chunk is rescored
         elif (chunk := chunk_of_part(uri)) is not None:
             done.add(chunk)
