@@ -108,30 +108,47 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig, steps_per_epoch:
 
 def train_one_epoch(model, batches, optimizer, scheduler, optim, device, autocast, scaler) -> dict:
     model.train()
-    loss_sum, seen, bad, started = 0.0, 0, 0, time.perf_counter()
+    loss_sum, seen, bad, skipped, steps, started = 0.0, 0, 0, 0, 0, time.perf_counter()
     for batch in batches:
         images = batch["image"].to(device, non_blocking=True)
         if optim.channels_last and device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
         targets, ok = batch["target"].to(device), batch["ok"].to(device)
+        buffers = [b.detach().clone() for b in model.buffers()]  # batch-norm statistics: a few KB
         with autocast:
             logits = model(images)
         # Weighted, not filtered: every worker runs the same steps, which DDP needs.
         loss = (per_sample_loss(logits.float(), targets, optim) * ok).sum() / ok.sum().clamp(min=1)
         optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
+        steps += 1
+        if scaler is not None:  # the fp16 scaler skips steps with inf/NaN gradients itself
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
         else:
             loss.backward()
-            optimizer.step()
+            # Gradients are all-reduced by now, so every DDP worker takes the same decision.
+            if gradients_are_finite(model):
+                optimizer.step()
+            else:  # a NaN/inf step would poison the weights and every later checkpoint
+                for buffer, saved in zip(model.buffers(), buffers):
+                    buffer.copy_(saved)  # the forward pass already folded the batch into the statistics
+                skipped += 1
+                continue
         scheduler.step()
         good = int(ok.sum().item())
         loss_sum += loss.item() * good
         seen, bad = seen + good, bad + len(ok) - good
+    if steps and skipped == steps:
+        raise FloatingPointError(f"all {steps} steps of the epoch had non-finite gradients (NaN/inf loss); "
+                                 "lower optim.lr or check the input images")
     seconds = time.perf_counter() - started
-    return {"loss_sum": loss_sum, "seen": seen, "bad": bad, "seconds": seconds}
+    return {"loss_sum": loss_sum, "seen": seen, "bad": bad, "seconds": seconds, "skipped_steps": skipped}
+
+
+def gradients_are_finite(model: torch.nn.Module) -> bool:
+    norms = [p.grad.norm() for p in model.parameters() if p.grad is not None]
+    return bool(torch.isfinite(torch.stack(norms)).all()) if norms else True
 
 
 @torch.no_grad()
@@ -229,11 +246,12 @@ def append_history(run_uri: str, record: dict) -> None:
 
 def epoch_line(epoch: int, epochs: int, record: dict, eta_s: float) -> str:
     """The one console line per epoch; every figure is in history.jsonl."""
-    bad = int(record["bad_images"])
+    bad, skipped = int(record["bad_images"]), int(record.get("skipped_steps", 0))
     return (
         f"epoch {epoch + 1}/{epochs}  loss {record['train_loss']:.4f}  macro F1 {record['macro_f1']:.3f}  "
         f"mAP {record['mAP'] or 0:.3f}  {record['train_images_per_s']:.1f} img/s  "
         f"ETA {format_duration(eta_s)}" + (f"  ({bad} undecodable images skipped)" if bad else "")
+        + (f"  ({skipped} steps with NaN/inf gradients skipped)" if skipped else "")
     )
 
 
@@ -272,7 +290,8 @@ def train_loop_per_worker(job: TrainJob) -> None:
         batches = train_shard.iter_torch_batches(batch_size=optim.batch_size,
                                                  collate_fn=BatchCollator(job.preprocessing, augment=True))
         stats = train_one_epoch(model, batches, optimizer, scheduler, optim, device, autocast, scaler)
-        loss_sum, seen, bad, seconds = gather_sum([stats["loss_sum"], stats["seen"], stats["bad"], stats["seconds"]])
+        loss_sum, seen, bad, seconds, skipped = gather_sum(
+            [stats["loss_sum"], stats["seen"], stats["bad"], stats["seconds"], stats["skipped_steps"]])
         metrics = None
         if rank == 0:  # validation on rank 0 over the whole (unsplit) validation set
             val_batches = val_data.iter_torch_batches(batch_size=optim.batch_size,
@@ -283,6 +302,7 @@ def train_loop_per_worker(job: TrainJob) -> None:
                 "train_loss": loss_sum / max(seen, 1),
                 "train_images_per_s": (seen + bad) / max(seconds / world, 1e-9),
                 "bad_images": bad,
+                "skipped_steps": skipped / world,  # every worker skips the same steps
                 "val_images": len(targets),
                 "epoch": epoch,
             }
@@ -341,8 +361,9 @@ def run_training(config: TrainingConfig) -> str:
     # Workers' epoch lines once, not twice (Train's print patch writes to stdout and stderr).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     run_uri = storage.absolute(storage.join(config.run.storage_path, config.run.name))
-    datasets, train_count, _, preprocessing = prepare_datasets(config)
+    # Written first: an unwritable run.storage_path fails now, not after the whole decode pass.
     storage.write_text(storage.join(run_uri, "config.yaml"), config.to_yaml())
+    datasets, train_count, _, preprocessing = prepare_datasets(config)
     job = TrainJob(config, preprocessing, load_spec(config.data.spec).classes, train_count, run_uri)
     started = time.perf_counter()
     result = build_trainer(job, datasets).fit()

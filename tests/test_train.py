@@ -271,3 +271,42 @@ def test_every_run_length_has_a_schedule_that_steps_to_the_end(steps):
         optimizer.step()
         scheduler.step()
     assert 0 <= scheduler.get_last_lr()[0] <= OptimConfig().lr
+
+
+def test_a_non_finite_step_is_skipped_and_an_all_nan_epoch_stops_training():
+    from protein_ray.config import OptimConfig
+    from protein_ray.model import autocast_context
+    from protein_ray.train import build_optimizer, train_one_epoch
+
+    torch.manual_seed(0)
+    model = create_model("test_resnet", num_classes=10)
+    optim = OptimConfig(epochs=1, lr=0.01)
+    optimizer, scheduler = build_optimizer(model, optim, steps_per_epoch=2)
+    autocast, scaler = autocast_context(torch.device("cpu"), enabled=False)
+
+    def batch(poison: bool) -> dict:
+        images = torch.randn(4, 3, 32, 32)
+        if poison:
+            images[0, 0, 0, 0] = float("nan")
+        return {"image": images, "target": torch.zeros(4, 10), "ok": torch.ones(4)}
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stats = train_one_epoch(model, [batch(True), batch(False)], optimizer, scheduler, optim, torch.device("cpu"),
+                            autocast, scaler)
+    assert stats["skipped_steps"] == 1 and stats["seen"] == 4  # only the clean batch counted
+    after = model.state_dict()
+    assert all(torch.isfinite(v.float()).all() for v in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the clean step still trained
+    with pytest.raises(FloatingPointError, match="non-finite gradients"):
+        train_one_epoch(model, [batch(True)], optimizer, scheduler, optim, torch.device("cpu"), autocast, scaler)
+
+
+def test_an_unwritable_run_folder_fails_before_any_data_is_read(tmp_path):
+    from protein_ray import storage
+    from protein_ray.train import run_training
+
+    blocker = tmp_path / "runs"
+    blocker.write_text("a file where the run folder should go")
+    config = load_config(None, [f"run.storage_path={blocker}", f"data.path={tmp_path / 'no-data-here'}"])
+    with pytest.raises(storage.StorageError, match="runs"):
+        run_training(config)  # the missing data path would have failed later, after a decode pass
