@@ -216,3 +216,12 @@ def test_a_failed_write_leaves_the_old_file_whole(tmp_path):
     storage.write_text(target, '{"images": 12}')
     assert storage.read_text(target) == '{"images": 12}'
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no partial copy left behind
+
+
+def test_an_image_listed_twice_in_train_csv_is_an_error(tmp_path):
+    """It would land in both the training and the validation split."""
+    root = make_kaggle_root(tmp_path / "k")
+    table = pd.read_csv(root / "train.csv", dtype=str)
+    pd.concat([table, table.iloc[[3]]]).to_csv(root / "train.csv", index=False)
+    with pytest.raises(DataSourceError, match="lists image 'img003' more than once"):
+        kaggle_index(str(root))
