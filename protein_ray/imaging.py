@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from protein_ray.defaults import MAX_PIXELS
 from protein_ray.spec import HPA_MEAN, HPA_STD, RGB, Stain
 
-# Real HPA-style PNGs are 512x512; a 40-megapixel cap leaves room for large plate
-# fields while refusing decompression bombs before any pixel is allocated.
-MAX_PIXELS = 40_000_000
+# The decoded array of the largest image allowed: RGBA at 16 bits. A TIFF with many
+# samples per pixel or 64-bit samples is refused before it is decoded whole.
+MAX_BYTES_PER_PIXEL = 4 * 2
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
@@ -142,7 +143,8 @@ def _decode_tiff(data: bytes, max_pixels: int) -> np.ndarray:
             page = tif.pages[0]
             # Width x height from the tags, whatever the planar configuration: shape[:2] of a
             # planar (C, H, W) page would count C x H.
-            _check_pixel_count(int(page.imagewidth) * int(page.imagelength), max_pixels)
+            pixels = int(page.imagewidth) * int(page.imagelength)
+            _check_decode_size(pixels, int(page.samplesperpixel), np.dtype(page.dtype).itemsize, max_pixels)
             return page.asarray()
     except ImageDecodeError:
         raise
@@ -159,7 +161,8 @@ def _decode_with_pillow(data: bytes, max_pixels: int) -> np.ndarray:
         raise ImageDecodeError("too_large", str(error)) from None
     except (OSError, SyntaxError, ValueError) as error:  # a header cut short: Pillow's "Truncated File Read"
         raise ImageDecodeError("truncated", f"image header is truncated or corrupt ({error})") from None
-    _check_pixel_count(image.width * image.height, max_pixels)
+    bytes_per_band = {"I;16": 2, "I;16B": 2, "I;16L": 2, "I": 4, "F": 4}.get(image.mode, 1)
+    _check_decode_size(image.width * image.height, len(image.getbands()), bytes_per_band, max_pixels)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -175,11 +178,17 @@ def _decode_with_pillow(data: bytes, max_pixels: int) -> np.ndarray:
     return np.asarray(image)
 
 
-def _check_pixel_count(pixels: int, max_pixels: int) -> None:
+def _check_decode_size(pixels: int, samples: int, itemsize: int, max_pixels: int) -> None:
+    """Refuse, before any pixel is allocated, an image with too many pixels, or whose
+    samples (stains, planes) and sample size make its decoded array larger than the
+    largest image allowed: ``max_pixels`` of 4 samples (RGBA) at 16 bits."""
     if pixels > max_pixels:
+        raise ImageDecodeError("too_large", f"image has {pixels:,} pixels; the limit is {max_pixels:,}")
+    needed, budget = pixels * samples * itemsize, max_pixels * MAX_BYTES_PER_PIXEL
+    if needed > budget:
         raise ImageDecodeError(
-            "too_large", f"image has {pixels:,} pixels; the limit is {max_pixels:,}"
-        )
+            "too_large", f"decoding needs {needed / 2**20:,.0f} MiB ({samples} samples of {itemsize} bytes per "
+            f"pixel); the limit is {budget / 2**20:,.0f} MiB")
 
 
 def stack_stains(stains: Sequence[bytes], max_pixels: int = MAX_PIXELS) -> np.ndarray:

@@ -343,3 +343,18 @@ def test_bit_depth_12_scores_12_bit_lzw_tiffs_like_the_same_picture_as_8_bit_png
                           for out in ("a", "b", "c"))
     assert np.abs(as_12 - as_8).max() < 0.02
     assert np.abs(as_16 - as_8).max() > np.abs(as_12 - as_8).max()  # read as 16-bit, the picture is near black
+
+
+@pytest.mark.parametrize("shape, dtype, photometric", [
+    ((40, 40, 16), np.uint16, "minisblack"),  # 16 samples per pixel: 4x the RGBA-16 budget
+    ((40, 40, 3), np.float64, "rgb"),  # 64-bit samples
+])
+def test_decoding_is_refused_before_allocation_when_samples_exceed_the_budget(shape, dtype, photometric):
+    from protein_ray.imaging import ImageDecodeError
+
+    data = encode(np.zeros(shape, dtype), "TIFF", photometric=photometric, planarconfig="contig")
+    with pytest.raises(ImageDecodeError, match="decoding needs") as error:
+        decode_image(data, max_pixels=40 * 40 * 2)  # room for the pixels, not for these samples
+    assert error.value.reason == "too_large"
+    assert decode_image(encode(np.zeros((40, 40, 4), np.uint16), "TIFF", photometric="rgb"),
+                        max_pixels=40 * 40).shape == (40, 40, 3)  # RGBA at 16 bits fits exactly
