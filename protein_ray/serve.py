@@ -140,16 +140,27 @@ class ProteinClassifier:
         self.defaults = LiveSettings.model_validate(settings)
         self.device, self.tta = device, tta
         self.batch_sizes: Counter[int] = Counter()
+        self.reload_error: str | None = None  # why the last user_config was refused
         self.predictor: Predictor | None = None
         self.predictor = self.predictor_for(self.defaults)
         self.apply_batching(self.defaults)
 
     async def reconfigure(self, user_config: dict | None) -> None:
-        """Hot reload: build the new predictor off the event loop, then swap it in."""
-        settings = self.defaults.updated(user_config)
-        predictor = await asyncio.to_thread(self.predictor_for, settings)
+        """Hot reload: validate and build the new predictor off the event loop, then
+        swap it in. A bad user_config (no checkpoint there, wrong threshold count,
+        unknown key) keeps the model that is serving and says why in ``GET /model``:
+        raising here would make Serve replace the replica, which would fail the same
+        way, and the classifier would go down."""
+        try:
+            settings = self.defaults.updated(user_config)
+            predictor = await asyncio.to_thread(self.predictor_for, settings)
+        except Exception as error:  # any failure: the running model stays
+            self.reload_error = f"{type(error).__name__}: {error}"
+            logger.error("user_config %s refused, still serving %s: %s", user_config, self.predictor.checkpoint,
+                         self.reload_error)
+            return
         self.apply_batching(settings)
-        self.predictor = predictor
+        self.predictor, self.reload_error = predictor, None
         logger.info("reconfigured: %s, thresholds %s", predictor.checkpoint, predictor.thresholds.tolist())
 
     def predictor_for(self, settings: LiveSettings) -> Predictor:
@@ -181,6 +192,7 @@ class ProteinClassifier:
             **self.batching,
             # Batches this replica has run, by size: shows whether dynamic batching fills them.
             "batch_sizes": dict(sorted(self.batch_sizes.items())),
+            "reload_error": self.reload_error,
         }
 
     @serve.batch(max_batch_size=defaults.SERVE_MAX_BATCH_SIZE, batch_wait_timeout_s=defaults.SERVE_BATCH_WAIT_S)

@@ -309,6 +309,25 @@ def test_hot_reload_through_user_config_keeps_replicas_and_requests(client, chec
     assert replicas == {before["replica"]}
 
 
+def test_a_bad_reload_keeps_the_serving_model_and_says_why(client, checkpoints, base_args, tmp_path):
+    def model():
+        return client.get("/model").json()
+
+    before = model()
+    bad_configs = [({**BASE_USER_CONFIG, "checkpoint": str(tmp_path / "nothing")}, "no protein-ray checkpoint"),
+                   ({**BASE_USER_CONFIG, "thresholds": [0.5] * 3}, "thresholds must be 10 numbers")]
+    try:
+        for user_config, reason in bad_configs:
+            deploy_config(base_args, user_config)
+            wait_until(lambda: reason in (model()["reload_error"] or ""))
+            assert post_image(client, rgb_png()).status_code == 200  # still answering, with the old model
+            now = model()
+            assert (now["checkpoint"], now["replica"]) == (before["checkpoint"], before["replica"])
+    finally:
+        deploy_config(base_args, BASE_USER_CONFIG)
+    wait_until(lambda: model()["reload_error"] is None)  # a good config clears it
+
+
 # --------------------------------------------------------------------------
 # Config file, builder and checkpoint resolution
 
