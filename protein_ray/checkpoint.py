@@ -143,18 +143,23 @@ def load_training_state(directory: str | Path) -> dict | None:
 # ------------------------------------------------------------------ discovery --
 
 
-def best_checkpoint_in(run_dir: str) -> str | None:
-    """The ``epoch_*`` checkpoint under ``run_dir`` with the highest macro F1, or None."""
+def epoch_checkpoints_in(run_dir: str) -> dict[str, ModelCard]:
+    """The ``epoch_*`` checkpoints under ``run_dir`` (a missing folder has none) and their cards."""
     try:
         cards = [f for f in storage.list_files(run_dir, recursive=True) if f.endswith("/" + CARD_FILE)]
     except storage.StorageError:
-        return None
-    scored = []
+        return {}
+    found = {}
     for card_uri in cards:
         checkpoint = card_uri[: -len(CARD_FILE) - 1]
         if os.path.basename(checkpoint).startswith(EPOCH_PREFIX):
-            card = ModelCard.from_json(storage.read_text(card_uri))
-            scored.append((card.metrics.get(BEST_METRIC, -1.0), checkpoint))
+            found[checkpoint] = ModelCard.from_json(storage.read_text(card_uri))
+    return found
+
+
+def best_checkpoint_in(run_dir: str) -> str | None:
+    """The ``epoch_*`` checkpoint under ``run_dir`` with the highest macro F1, or None."""
+    scored = [(card.metrics.get(BEST_METRIC, -1.0), uri) for uri, card in epoch_checkpoints_in(run_dir).items()]
     return max(scored)[1] if scored else None
 
 

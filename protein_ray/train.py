@@ -27,6 +27,7 @@ from protein_ray.checkpoint import (
     HISTORY_FILE,
     ModelCard,
     best_checkpoint_in,
+    epoch_checkpoints_in,
     epoch_dir_name,
     load_training_state,
     load_weights,
@@ -353,6 +354,29 @@ def build_trainer(job: TrainJob, datasets: dict):
     )
 
 
+class ResumeMismatch(ValueError):
+    """A rerun of a run name whose checkpoints cannot continue under this configuration."""
+
+
+def check_resumable(run_uri: str, config: TrainingConfig) -> None:
+    """Rerunning a run name resumes its latest checkpoint, which must be the same model:
+    another backbone fails a strict weight load in every worker restart, and another
+    image size, class set or stain set would continue silently on a different task."""
+    checkpoints = epoch_checkpoints_in(run_uri)
+    if not checkpoints:
+        return
+    latest = max(checkpoints.values(), key=lambda card: card.epoch)
+    spec = load_spec(config.data.spec)
+    wanted = {"backbone": config.model.name, "image size": config.data.image_size,
+              "classes": list(spec.classes), "stains": list(spec.stain_names)}
+    found = {"backbone": latest.backbone, "image size": latest.image_size, "classes": latest.class_names,
+             "stains": list(latest.preprocessing.stain_names)}
+    changed = [f"{key} {found[key]} -> {wanted[key]}" for key in wanted if wanted[key] != found[key]]
+    if changed:
+        raise ResumeMismatch(f"run {run_uri} holds checkpoints of another model ({'; '.join(changed)}); "
+                             "choose another run.name, or the settings it was trained with")
+
+
 def run_training(config: TrainingConfig) -> str:
     """Train as configured; return the URI of the best checkpoint (by macro F1)."""
     from protein_ray.plots import write_training_plots
@@ -361,6 +385,7 @@ def run_training(config: TrainingConfig) -> str:
     # Workers' epoch lines once, not twice (Train's print patch writes to stdout and stderr).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     run_uri = storage.absolute(storage.join(config.run.storage_path, config.run.name))
+    check_resumable(run_uri, config)
     # Written first: an unwritable run.storage_path fails now, not after the whole decode pass.
     storage.write_text(storage.join(run_uri, "config.yaml"), config.to_yaml())
     datasets, train_count, _, preprocessing = prepare_datasets(config)

@@ -310,3 +310,17 @@ def test_an_unwritable_run_folder_fails_before_any_data_is_read(tmp_path):
     config = load_config(None, [f"run.storage_path={blocker}", f"data.path={tmp_path / 'no-data-here'}"])
     with pytest.raises(storage.StorageError, match="runs"):
         run_training(config)  # the missing data path would have failed later, after a decode pass
+
+
+def test_rerunning_a_run_name_with_another_model_is_an_error_at_once(tmp_path):
+    from protein_ray.train import ResumeMismatch, check_resumable
+
+    run = tmp_path / "runs" / "exp"
+    card = ModelCard(backbone="test_resnet", preprocessing=Preprocessing(image_size=64), epoch=1)
+    save_checkpoint(run / "epoch_001", create_model("test_resnet"), card)
+    same = load_config(None, ["model.name=test_resnet", "data.image_size=64"])
+    check_resumable(str(run), same)  # the same model resumes
+    check_resumable(str(tmp_path / "runs" / "new"), load_config(None))  # a new run name has nothing to resume
+    other = load_config(None, ["model.name=resnet18", "data.image_size=128", "data.spec=hpa-rgby"])
+    with pytest.raises(ResumeMismatch, match=r"backbone test_resnet -> resnet18; image size 64 -> 128; stains"):
+        check_resumable(str(run), other)
