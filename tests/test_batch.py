@@ -443,3 +443,29 @@ def test_plate_grid_puts_each_well_at_its_row_and_column():
     assert parse_well("B7") == parse_well("B07") == (1, 6) and parse_well("Q01") is None
     assert grid[1, 6] == 0.5 and grid[7, 11] == 0.9 and grid[0, 0] == 0.1  # row B, column 7
     assert np.isnan(grid[6, 1]) and np.isnan(grid).sum() == 96 - 3
+
+
+def test_a_rerun_scores_again_the_chunks_whose_rows_failed_to_read(tmp_path):
+    from protein_ray.scoring.parts import PARTS_DIR, part_uri, prepare_output
+
+    index = pd.DataFrame({"image_id": [f"i{n}" for n in range(4)], "source": "x", "plate": None, "well": None,
+                          "field": pd.array([None] * 4, dtype="Int32")})
+    writer = PartWriter(index, CLASS_NAMES, chunk_size=2, chunks=[0, 1], parts=str(tmp_path / PARTS_DIR))
+    for rows, error in (([0, 1], "truncated"), ([2, 3], "unreadable")):  # a bad file; S3 briefly unreachable
+        writer.add({"row": np.array(rows, np.int64), "error": np.array([error, ""], dtype=object),
+                    "detail": np.array([error, ""], dtype=object), "probs": np.full((2, 10), 0.5, np.float32)})
+    assert storage.exists(part_uri(str(tmp_path / PARTS_DIR), 1))
+    done = prepare_output(str(tmp_path), {"format": "test"}, overwrite=False)
+    assert done == {0}  # chunk 1 is scored again; a truncated file would fail the same way, so chunk 0 stays
+
+
+def test_a_shard_that_cannot_be_read_fails_its_rows_not_the_job(tmp_path):
+    from protein_ray.scoring.decode import decode_rows, read_shard_images
+
+    broken = tmp_path / "part-0.parquet"
+    broken.write_bytes(b"PAR1 this is not a parquet file PAR1")
+    work = [{"row": 0, "shard": str(broken), "at": 0}, {"row": 1, "shard": str(broken), "at": 1}]
+    images = read_shard_images(work)
+    assert set(images) == {0, 1} and all(isinstance(error, Exception) for error in images.values())
+    rows = decode_rows(work, images, Preprocessing(32), max_pixels=10**6)
+    assert list(rows["error"]) == ["unreadable", "unreadable"] and str(broken) in rows["detail"][0]

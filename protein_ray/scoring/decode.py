@@ -37,30 +37,39 @@ def chunk_work(rows: pd.DataFrame, chunk_size: int, chunks: list[int]) -> list[d
     return items
 
 
-def read_shard_images(work: list[dict]) -> dict[int, bytes]:
+def read_shard_images(work: list[dict]) -> dict[int, bytes | Exception]:
     """Image bytes of the work rows stored in shards, reading only the row groups
-    that hold them (a shard file is a few hundred MB; a chunk needs a slice)."""
+    that hold them (a shard file is a few hundred MB; a chunk needs a slice). A shard
+    that cannot be read fails its rows, not the job: each gets the error."""
     wanted = defaultdict(list)
     for item in work:
         if "shard" in item:
             wanted[item["shard"]].append(item)
     found = {}
     for uri, items in wanted.items():
-        fs, path = storage.resolve(uri)
-        shard = pq.ParquetFile(fs.open_input_file(path))
-        starts = np.cumsum([0] + [shard.metadata.row_group(g).num_rows for g in range(shard.num_row_groups)])
-        lo, hi = min(i["at"] for i in items), max(i["at"] for i in items)
-        groups = [g for g in range(shard.num_row_groups) if starts[g] <= hi and starts[g + 1] > lo]
-        images = shard.read_row_groups(groups, columns=["image"]).column("image")
-        for item in items:
-            found[item["row"]] = images[item["at"] - int(starts[groups[0]])].as_py()
+        try:
+            found |= read_shard_rows(uri, items)
+        except Exception as error:  # storage, a corrupt footer or row group: those rows fail
+            failure = storage.StorageError(f"{uri}: cannot read the shard ({type(error).__name__}: {error})")
+            found |= {item["row"]: failure for item in items}
     return found
+
+
+def read_shard_rows(uri: str, items: list[dict]) -> dict[int, bytes]:
+    fs, path = storage.resolve(uri)
+    shard = pq.ParquetFile(fs.open_input_file(path))
+    starts = np.cumsum([0] + [shard.metadata.row_group(g).num_rows for g in range(shard.num_row_groups)])
+    lo, hi = min(i["at"] for i in items), max(i["at"] for i in items)
+    groups = [g for g in range(shard.num_row_groups) if starts[g] <= hi and starts[g + 1] > lo]
+    images = shard.read_row_groups(groups, columns=["image"]).column("image")
+    return {item["row"]: images[item["at"] - int(starts[groups[0]])].as_py() for item in items}
 
 
 def fetch_encoded(item: dict, shard_images: dict[int, bytes]) -> list[bytes] | Exception:
     """The encoded file(s) of one image, or the error that stopped reading them."""
     if "shard" in item:
-        return [shard_images[item["row"]]]
+        data = shard_images[item["row"]]
+        return data if isinstance(data, Exception) else [data]
     missing = missing_stains(item["sources"])
     if missing:
         present = [uri for uri in item["sources"] if not uri.startswith("<missing")]

@@ -33,6 +33,8 @@ OUTPUT_NAMES = (
     "heatmaps", "submission.csv", "embeddings.parquet", "summary.json",
 )
 PROGRESS_EVERY_S = 10.0
+# Errors a rerun retries: the file may be readable next time (a storage outage).
+TRANSIENT_ERRORS = ("unreadable",)
 
 
 def predictions_schema(classes: Sequence[str], with_labels: bool = True) -> pa.Schema:
@@ -183,6 +185,14 @@ def prepare_output(output: str, job: dict, overwrite: bool) -> set[int]:
     for uri in storage.list_files(parts, recursive=False) if storage.exists(parts) else []:
         if storage.TEMPORARY_INFIX in uri.rsplit("/", 1)[-1]:
             storage.delete_file(uri)  # left by an interrupted write; its chunk is rescored
-        elif (chunk := chunk_of_part(uri)) is not None:
+        elif (chunk := chunk_of_part(uri)) is not None and not has_transient_errors(uri):
             done.add(chunk)
     return done
+
+
+def has_transient_errors(part: str) -> bool:
+    """Whether a part holds rows that failed for a reason a rerun may not meet
+    (its chunk is then scored again; its other rows come out the same)."""
+    fs, path = storage.resolve(part)
+    errors = pq.read_table(path, columns=["error"], filesystem=fs).column("error").to_pylist()
+    return any(error in TRANSIENT_ERRORS for error in errors)
