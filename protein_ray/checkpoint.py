@@ -45,6 +45,13 @@ def epoch_dir_name(epoch: int) -> str:
     return f"{EPOCH_PREFIX}{epoch:03d}"
 
 
+def checkpoint_name(uri: str) -> str:
+    """``s3://bucket/team/runs/cpu-demo/epoch_005`` -> ``cpu-demo/epoch_005``: what a
+    client may see of a checkpoint without learning the storage layout behind it."""
+    parts = [part for part in uri.rstrip("/").split("/") if part]
+    return "/".join(parts[-2:])
+
+
 @dataclass
 class ModelCard:
     """The ``config.json`` of a checkpoint."""

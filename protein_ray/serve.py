@@ -42,7 +42,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from protein_ray import __version__, defaults
-from protein_ray.checkpoint import read_model_card, resolve_checkpoint
+from protein_ray.checkpoint import checkpoint_name, read_model_card, resolve_checkpoint
 from protein_ray.imaging import Preprocessing
 from protein_ray.predictor import Predictor, model_summary
 from protein_ray.uploads import (
@@ -85,6 +85,7 @@ class AppArgs(BaseModel):
     max_body_bytes: int = Field(defaults.SERVE_MAX_BODY_BYTES, ge=1)
     max_images: int = Field(defaults.SERVE_MAX_IMAGES, ge=1, description="images per request")
     max_pixels: int = Field(defaults.SERVE_MAX_PIXELS, ge=1, description="pixels per image, checked before decoding")
+    show_checkpoint_uri: bool = Field(False, description="GET /model shows the checkpoint's full URI, not its name")
 
 
 class LiveSettings(BaseModel):
@@ -106,6 +107,7 @@ class Limits(BaseModel):
     max_body_bytes: int
     max_images: int
     max_pixels: int
+    show_checkpoint_uri: bool
 
 
 # --------------------------------------------------------------------------
@@ -266,8 +268,10 @@ class ProteinApi:
     async def model(self) -> dict:
         summary = await self.classifier.summary.remote()
         summary.pop("preprocessing")  # a Python object; its parts are in the summary already
+        if not self.limits.show_checkpoint_uri:  # the run and epoch, not where the weights are stored
+            summary["checkpoint"] = checkpoint_name(summary["checkpoint"])
         return {**summary, "server_version": __version__,
-                "limits": self.limits.model_dump()}
+                "limits": self.limits.model_dump(exclude={"show_checkpoint_uri"})}
 
     @api.post("/predict", response_model=PredictResponse, openapi_extra=PREDICT_REQUEST_DOCS, responses=ERROR_DOCS)
     async def predict(self, request: Request) -> dict:
@@ -353,7 +357,8 @@ def compose_app(args: AppArgs, classifier_overrides: dict | None = None, ingress
                         max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s)
     classifier = ProteinClassifier.options(**{**classifier_options(args), **(classifier_overrides or {})})
     ingress = ProteinApi.options(**{**ingress_options(args), **(ingress_overrides or {})})
-    limits = Limits(max_body_bytes=args.max_body_bytes, max_images=args.max_images, max_pixels=args.max_pixels)
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_images=args.max_images, max_pixels=args.max_pixels,
+                    show_checkpoint_uri=args.show_checkpoint_uri)
     logger.info("serving %s", checkpoint)
     preprocessing = read_model_card(checkpoint).preprocessing
     return ingress.bind(classifier.bind(live.model_dump(), args.device, args.tta), limits.model_dump(), preprocessing)

@@ -139,7 +139,8 @@ def test_healthz_and_model(client, checkpoints):
     model = client.get("/model").json()
     assert model["classes"] == list(CLASS_NAMES)
     assert model["backbone"] == "test_resnet" and model["image_size"] == 64
-    assert model["checkpoint"] == checkpoints["main"]
+    assert model["checkpoint"] == "run/epoch_001"  # its name: the storage layout stays private
+    assert checkpoints["main"] not in client.get("/model").text
     assert model["thresholds"] == [0.5] * 10 and model["package_version"]
     assert model["max_batch_size"] == 8
 
@@ -291,7 +292,7 @@ def test_hot_reload_through_user_config_keeps_replicas_and_requests(client, chec
             wait_until(lambda: model()["thresholds"] == pytest.approx(low))
             after_thresholds, prediction = model(), predict()
             deploy_config(base_args, {"checkpoint": checkpoints["other_size"]})
-            wait_until(lambda: model()["checkpoint"] == checkpoints["other_size"])
+            wait_until(lambda: model()["checkpoint"] == "other/epoch_001")
             after_checkpoint, swapped = model(), predict()
     finally:
         deploy_config(base_args, BASE_USER_CONFIG)
@@ -303,7 +304,7 @@ def test_hot_reload_through_user_config_keeps_replicas_and_requests(client, chec
     # Keys left out of user_config fall back to the args and the checkpoint.
     assert after_checkpoint["image_size"] == 48 and after_checkpoint["max_batch_size"] == 16
     assert after_checkpoint["thresholds"] == [0.5] * 10 and swapped["label_ids"]
-    assert restored["checkpoint"] == checkpoints["main"] and restored["max_batch_size"] == 8
+    assert restored["checkpoint"] == "run/epoch_001" and restored["max_batch_size"] == 8
     # Reconfigured in place: the same replica answered throughout.
     replicas = {m["replica"] for m in (before, after_thresholds, after_checkpoint, restored)}
     assert replicas == {before["replica"]}
