@@ -53,3 +53,10 @@ def test_every_node_gets_this_project_and_rays_own_version(cluster_config):
     assert (ROOT / local).resolve() == ROOT
     assert any("pip install" in c and remote in c for c in cluster_config["setup_commands"])
     assert cluster_config["docker"]["image"].startswith(f"rayproject/ray:{ray.__version__}-")
+
+
+def test_the_dashboard_listens_only_on_the_head_itself(cluster_config):
+    """The dashboard submits jobs; it is reached through `ray dashboard cluster.yaml`
+    (an SSH tunnel), never opened to the network."""
+    head_start = " ".join(cluster_config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_start and "0.0.0.0" not in head_start
