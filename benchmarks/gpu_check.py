@@ -44,7 +44,7 @@ def amp_training(model_name: str, images: torch.Tensor, steps: int, device: torc
     """Images/s of ``steps`` training steps (after 10 warm-up steps) and the loss before and after."""
     from protein_ray.config import OptimConfig
     from protein_ray.model import autocast_context, create_model
-    from protein_ray.train import build_optimizer, train_one_epoch
+    from protein_ray.optimization import build_optimizer, train_one_epoch
 
     optim = OptimConfig(epochs=1)
     model = create_model(model_name).to(device).to(memory_format=torch.channels_last)

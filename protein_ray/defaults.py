@@ -15,5 +15,10 @@ SERVE_MAX_IMAGES = 16  # per multipart request
 SERVE_MAX_BATCH_SIZE = 16  # images per model call (@serve.batch)
 SERVE_BATCH_WAIT_S = 0.01
 INGRESS_MAX_ONGOING_REQUESTS = 64
+# Per ingress replica: images decoded at once (each up to SERVE_MAX_PIXELS x 8 bytes, plus
+# its float copy: ~400 MiB at the limit) and requests allowed to wait for a decode slot.
+SERVE_MAX_DECODES = 2
+SERVE_MAX_WAITING = 32
+SERVE_BODY_TIMEOUT_S = 30.0
 INGRESS_MAX_REPLICAS = 4
 CLASSIFIER_MAX_REPLICAS = 2

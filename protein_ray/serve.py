@@ -35,7 +35,6 @@ import numpy as np
 import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import metrics
 from ray.serve.handle import DeploymentHandle
@@ -45,6 +44,7 @@ from protein_ray import __version__, defaults
 from protein_ray.checkpoint import checkpoint_name, read_model_card, resolve_checkpoint
 from protein_ray.imaging import Preprocessing
 from protein_ray.predictor import Predictor, model_summary
+from protein_ray.serve_settings import AppArgs, Limits, LiveSettings
 from protein_ray.uploads import (
     ERROR_DOCS,
     PREDICT_REQUEST_DOCS,
@@ -64,50 +64,6 @@ logger = logging.getLogger(__name__)
 
 CLASSIFIER_NAME = "ProteinClassifier"
 INGRESS_NAME = "ProteinApi"
-
-
-# --------------------------------------------------------------------------
-# Settings
-
-
-class AppArgs(BaseModel):
-    """The ``args:`` of ``serve_config.yaml`` (and of ``serve run protein_ray.serve:build_app k=v``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    checkpoint: str | None = Field(None, description="checkpoint dir or run dir (best epoch is used); local or s3://")
-    device: str | None = Field(None, description="cpu / cuda; default: cuda when the replica has a GPU")
-    tta: bool = False
-    num_gpus: float | str = Field("auto", description="GPUs per model replica; auto = 1 when the cluster has GPUs")
-    thresholds: list[float] | None = Field(None, description="one per class; default: the checkpoint's tuned ones")
-    max_batch_size: int = Field(defaults.SERVE_MAX_BATCH_SIZE, ge=1)
-    batch_wait_timeout_s: float = Field(defaults.SERVE_BATCH_WAIT_S, ge=0)
-    max_body_bytes: int = Field(defaults.SERVE_MAX_BODY_BYTES, ge=1)
-    max_images: int = Field(defaults.SERVE_MAX_IMAGES, ge=1, description="images per request")
-    max_pixels: int = Field(defaults.SERVE_MAX_PIXELS, ge=1, description="pixels per image, checked before decoding")
-    show_checkpoint_uri: bool = Field(False, description="GET /model shows the checkpoint's full URI, not its name")
-
-
-class LiveSettings(BaseModel):
-    """What ``user_config`` may change on running classifier replicas. Keys left
-    out of a ``user_config`` keep the values the app was built with."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    checkpoint: str
-    thresholds: list[float] | None = None
-    max_batch_size: int = Field(defaults.SERVE_MAX_BATCH_SIZE, ge=1)
-    batch_wait_timeout_s: float = Field(defaults.SERVE_BATCH_WAIT_S, ge=0)
-
-    def updated(self, user_config: dict | None) -> "LiveSettings":
-        return LiveSettings.model_validate({**self.model_dump(), **(user_config or {})})
-
-
-class Limits(BaseModel):
-    max_body_bytes: int
-    max_images: int
-    max_pixels: int
-    show_checkpoint_uri: bool
 
 
 # --------------------------------------------------------------------------
@@ -228,7 +184,7 @@ api = FastAPI(
 
 @api.exception_handler(RequestRejected)
 async def rejected_request(request: Request, error: RequestRejected) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status)
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -252,6 +208,10 @@ class ProteinApi:
     def __init__(self, classifier: DeploymentHandle, limits: dict, preprocessing: Preprocessing):
         self.classifier = classifier
         self.limits = Limits.model_validate(limits)
+        # Memory: at most max_decodes full-size images are decoded at once; a request
+        # beyond max_waiting others is turned away at once instead of queueing without bound.
+        self.decode_slots = asyncio.Semaphore(self.limits.max_decodes)
+        self.decoding = 0  # requests decoding or waiting for a slot
         # The checkpoint's, given at build time; refreshed only if a hot reload changes it.
         self.preprocessing = preprocessing
         # Exported as ray_protein_ray_rejected_requests_total{error=...} next to Serve's own metrics.
@@ -289,7 +249,10 @@ class ProteinApi:
         if not is_multipart:
             check_raw_content_type(request.headers.get("content-type"))
         check_declared_length(request.headers, limits.max_body_bytes)
-        body = await read_limited(request.stream(), limits.max_body_bytes)
+        try:  # a client that trickles its body must not hold the replica
+            body = await asyncio.wait_for(read_limited(request.stream(), limits.max_body_bytes), limits.body_timeout_s)
+        except TimeoutError:
+            raise RequestRejected(408, "body_timeout", f"the body took over {limits.body_timeout_s:g} s") from None
         if not body:
             raise RequestRejected(400, "empty", "the request body is empty; send an image")
         if is_multipart:
@@ -297,15 +260,26 @@ class ProteinApi:
             return merge_stain_uploads(parts, self.preprocessing.stain_names)
         return [Upload(id=0, data=body)]
 
+    async def decode(self, uploads: list[Upload], preprocessing: Preprocessing) -> np.ndarray:
+        """Decode in a thread (the event loop keeps reading other requests), at most
+        ``max_decodes`` at once; with ``max_waiting`` more already queued, a 503."""
+        if self.decoding >= self.limits.max_decodes + self.limits.max_waiting:
+            raise RequestRejected(503, "busy", f"{self.decoding} requests are decoding or waiting to; retry shortly",
+                                  retry_after_s=1)
+        self.decoding += 1
+        try:
+            async with self.decode_slots:
+                return await asyncio.to_thread(prepare_uploads, uploads, preprocessing, self.limits.max_pixels)
+        finally:
+            self.decoding -= 1
+
     async def classify(self, uploads: list[Upload]) -> list[dict]:
         """Decode and preprocess here (CPU), score on the classifier; if a replica
         swapped to a checkpoint with other preprocessing meanwhile, redo once with
         its settings."""
         for _ in range(2):
             preprocessing = self.preprocessing
-            # In a thread: decoding is the CPU-heavy part and the event loop must
-            # keep reading other requests meanwhile.
-            batch = await asyncio.to_thread(prepare_uploads, uploads, preprocessing, self.limits.max_pixels)
+            batch = await self.decode(uploads, preprocessing)
             results = await asyncio.gather(
                 *(self.classifier.classify.remote(PreparedImage(preprocessing, pixels)) for pixels in batch)
             )
@@ -357,8 +331,7 @@ def compose_app(args: AppArgs, classifier_overrides: dict | None = None, ingress
                         max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s)
     classifier = ProteinClassifier.options(**{**classifier_options(args), **(classifier_overrides or {})})
     ingress = ProteinApi.options(**{**ingress_options(args), **(ingress_overrides or {})})
-    limits = Limits(max_body_bytes=args.max_body_bytes, max_images=args.max_images, max_pixels=args.max_pixels,
-                    show_checkpoint_uri=args.show_checkpoint_uri)
+    limits = Limits.model_validate(args.model_dump(include=set(Limits.model_fields)))
     logger.info("serving %s", checkpoint)
     preprocessing = read_model_card(checkpoint).preprocessing
     return ingress.bind(classifier.bind(live.model_dump(), args.device, args.tta), limits.model_dump(), preprocessing)

@@ -45,11 +45,17 @@ DECODE_ERROR_STATUS = {
 
 
 class RequestRejected(Exception):
-    """A request we refuse; becomes a 4xx ``{"error", "detail"[, "file"]}``."""
+    """A request we refuse; becomes a 4xx (or a 503 with ``Retry-After``) JSON
+    ``{"error", "detail"[, "file"]}``."""
 
-    def __init__(self, status: int, error: str, detail: str, file: str | None = None):
+    def __init__(self, status: int, error: str, detail: str, file: str | None = None,
+                 retry_after_s: int | None = None):
         super().__init__(detail)
         self.status, self.error, self.detail, self.file = status, error, detail, file
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict | None:
+        return {"Retry-After": str(self.retry_after_s)} if self.retry_after_s else None
 
     def body(self) -> dict:
         body = {"error": self.error, "detail": self.detail}

@@ -65,14 +65,15 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
     }
 
 
-def deploy(checkpoint: str, name: str, route_prefix: str) -> None:
+def deploy(checkpoint: str, name: str, route_prefix: str, **args) -> None:
     """serve.run of the builder's app, as the demo helper and notebooks do."""
     from ray import serve
 
-    from protein_ray.serve import AppArgs, compose_app
+    from protein_ray.serve import compose_app
+    from protein_ray.serve_settings import AppArgs
 
     one = {"num_replicas": 1, "autoscaling_config": None, "ray_actor_options": {"num_cpus": 0.5}}
-    serve.run(compose_app(AppArgs(checkpoint=checkpoint), one, one), name=name, route_prefix=route_prefix)
+    serve.run(compose_app(AppArgs(checkpoint=checkpoint, **args), one, one), name=name, route_prefix=route_prefix)
 
 
 def deploy_config(args: dict, user_config: dict, timeout_s: float = 300) -> None:
@@ -429,7 +430,7 @@ def test_serve_config_yaml_states_the_code_defaults():
     import yaml
 
     from protein_ray import defaults
-    from protein_ray.serve import AppArgs
+    from protein_ray.serve_settings import AppArgs
 
     [app] = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"]
     args = AppArgs.model_validate(app["args"])
@@ -473,3 +474,34 @@ def test_four_stain_model_takes_one_part_per_stain(client, serve_port, tmp_path)
     assert "yellow" in missing.json()["detail"]
     merged_rgb = client.post("/rgby/predict", content=rgb_png(), headers={"Content-Type": "image/png"})
     assert merged_rgb.status_code == 422 and merged_rgb.json()["error"] == "channels"
+
+
+def test_a_full_ingress_answers_503_with_retry_after_and_a_slow_body_408(client, serve_port, checkpoints):
+    """Decoding is bounded per ingress replica (max_decodes at once, max_waiting queued):
+    a burst past that is turned away at once, not queued in memory without bound."""
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    deploy(checkpoints["main"], name="tight", route_prefix="/tight", max_decodes=1, max_waiting=0,
+           body_timeout_s=2.0, max_pixels=4096 * 4096)
+    # A small body (~100 KB) that is slow to decode: 3000 x 3000 16-bit pixels to inflate, convert, resize.
+    big = encode(np.zeros((3000, 3000, 3), np.uint16), "TIFF", photometric="rgb", compression="zlib")
+
+    def send(_):
+        response = client.post("/tight/predict", content=big, headers={"Content-Type": "image/tiff"})
+        return response.status_code, response.headers.get("retry-after"), response.json().get("error")
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(send, range(8)))
+    assert {status for status, _, _ in answers} <= {200, 503}, answers
+    busy = [answer for answer in answers if answer[0] == 503]
+    assert busy and all(answer[1:] == ("1", "busy") for answer in busy), answers
+    assert any(status == 200 for status, _, _ in answers)
+
+    with socket.create_connection(("127.0.0.1", serve_port), timeout=30) as sock:
+        sock.sendall(b"POST /tight/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+                     b"Content-Length: 100000\r\n\r\n" + rgb_png()[:1000])  # then nothing more
+        reply = b""
+        while b"}" not in reply and (chunk := sock.recv(4096)):  # the status line, then the JSON body
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 408") and b'"body_timeout"' in reply, reply[:300]

@@ -223,7 +223,7 @@ def test_corrupt_training_images_are_counted_then_fatal_past_the_limit(ray_sessi
 
 
 def test_focal_loss_is_bce_at_gamma_zero_and_discounts_easy_examples():
-    from protein_ray.train import focal_loss
+    from protein_ray.optimization import focal_loss
 
     logits = torch.tensor([[4.0, -4.0, 0.0, 4.0]])
     targets = torch.tensor([[1.0, 0.0, 1.0, 0.0]])  # easy, easy, uncertain, confidently wrong
@@ -238,7 +238,7 @@ def test_focal_loss_is_bce_at_gamma_zero_and_discounts_easy_examples():
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
 def test_restored_optimizer_and_schedule_continue_where_they_stopped(schedule):
     from protein_ray.config import OptimConfig
-    from protein_ray.train import build_optimizer, restore_optimizer
+    from protein_ray.optimization import build_optimizer, restore_optimizer
 
     optim = OptimConfig(epochs=4, lr=0.01, schedule=schedule)
     model = torch.nn.Linear(3, 2)
@@ -263,7 +263,7 @@ def test_restored_optimizer_and_schedule_continue_where_they_stopped(schedule):
 def test_every_run_length_has_a_schedule_that_steps_to_the_end(steps):
     """A one-epoch smoke run died with ZeroDivisionError inside OneCycleLR (5 steps)."""
     from protein_ray.config import OptimConfig
-    from protein_ray.train import build_optimizer
+    from protein_ray.optimization import build_optimizer
 
     model = torch.nn.Linear(2, 2)
     optimizer, scheduler = build_optimizer(model, OptimConfig(epochs=1), steps_per_epoch=steps)
@@ -276,7 +276,7 @@ def test_every_run_length_has_a_schedule_that_steps_to_the_end(steps):
 def test_a_non_finite_step_is_skipped_and_an_all_nan_epoch_stops_training():
     from protein_ray.config import OptimConfig
     from protein_ray.model import autocast_context
-    from protein_ray.train import build_optimizer, train_one_epoch
+    from protein_ray.optimization import build_optimizer, train_one_epoch
 
     torch.manual_seed(0)
     model = create_model("test_resnet", num_classes=10)
