@@ -72,6 +72,8 @@ class OptimConfig:
     channels_last: bool = True
     never_empty: bool = True
     seed: int = 0
+    # Steps with NaN/inf gradients are skipped; more than this many in an epoch stops the run.
+    max_nonfinite_steps: int = 20
 
 
 @dataclass

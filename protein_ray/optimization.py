@@ -75,9 +75,10 @@ def train_one_epoch(model, batches, optimizer, scheduler, optim, device, autocas
         good = int(ok.sum().item())
         loss_sum += loss.item() * good
         seen, bad = seen + good, bad + len(ok) - good
-    if steps and skipped == steps:
-        raise FloatingPointError(f"all {steps} steps of the epoch had non-finite gradients (NaN/inf loss); "
-                                 "lower optim.lr or check the input images")
+    if steps and (skipped == steps or skipped > optim.max_nonfinite_steps):
+        raise FloatingPointError(f"{skipped} of {steps} steps of the epoch had non-finite gradients (NaN/inf loss; "
+                                 f"optim.max_nonfinite_steps {optim.max_nonfinite_steps}): lower optim.lr or check "
+                                 "the input images")
     seconds = time.perf_counter() - started
     return {"loss_sum": loss_sum, "seen": seen, "bad": bad, "seconds": seconds, "skipped_steps": skipped}
 

@@ -297,8 +297,12 @@ def test_a_non_finite_step_is_skipped_and_an_all_nan_epoch_stops_training():
     after = model.state_dict()
     assert all(torch.isfinite(v.float()).all() for v in after.values())
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the clean step still trained
-    with pytest.raises(FloatingPointError, match="non-finite gradients"):
+    with pytest.raises(FloatingPointError, match="1 of 1 steps of the epoch had non-finite gradients"):
         train_one_epoch(model, [batch(True)], optimizer, scheduler, optim, torch.device("cpu"), autocast, scaler)
+    strict = OptimConfig(epochs=1, lr=0.01, max_nonfinite_steps=0)
+    with pytest.raises(FloatingPointError, match="1 of 2 steps"):
+        train_one_epoch(model, [batch(True), batch(False)], optimizer, scheduler, strict, torch.device("cpu"),
+                        autocast, scaler)
 
 
 def test_an_unwritable_run_folder_fails_before_any_data_is_read(tmp_path):
