@@ -27,7 +27,7 @@ from protein_ray import storage
 from protein_ray.checkpoint import read_model_card
 from protein_ray.config import load_config
 from protein_ray.plates import compare_with_planted
-from protein_ray.runtime import configure_logging, init_ray
+from protein_ray.runtime import configure_logging, init_ray, is_verbose
 from protein_ray.scoring.job import score
 from protein_ray.scoring.options import PredictOptions
 from protein_ray.serve import build_app
@@ -135,14 +135,18 @@ def serve_demo_prediction(checkpoint: str, image_path: str, timeout_s: float = 1
     if Serve already runs in this cluster, only the demo app is added and removed.
     """
     init_ray()
+    # Serve's controller, proxy and replicas log every step at INFO; the demo prints its own line.
+    quiet = {} if is_verbose() else {"logging_config": {"log_level": "WARNING", "enable_access_log": False}}
     port = running_serve_port()
     started_here = port is None
     if started_here:
         port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, **quiet)
+        if quiet:  # serve.start sets its driver-side logger to INFO
+            logging.getLogger("ray.serve").setLevel(logging.WARNING)
     route = "/" if started_here else f"/{DEMO_APP_NAME}"
     try:
-        serve.run(build_app({"checkpoint": checkpoint}), name=DEMO_APP_NAME, route_prefix=route)
+        serve.run(build_app({"checkpoint": checkpoint}), name=DEMO_APP_NAME, route_prefix=route, **quiet)
         url = f"http://127.0.0.1:{port}{route.rstrip('/')}/predict"
         content_type = CONTENT_TYPE_BY_SUFFIX.get(Path(image_path).suffix.lower(), "application/octet-stream")
         started = time.perf_counter()

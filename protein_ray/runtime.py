@@ -31,6 +31,8 @@ def configure_logging(verbose: bool = False) -> bool:
     verbose = is_verbose(verbose)
     if verbose:
         os.environ[VERBOSE_ENV] = "1"
+    else:
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per HTTP request otherwise
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s" if verbose
                         else "%(asctime)s %(message)s", datefmt="%H:%M:%S")

@@ -38,7 +38,7 @@ def score(options: PredictOptions) -> dict:
     card = read_model_card(options.checkpoint)
     index = resolve_inputs(options.inputs, input_options(options, card))
     for uri in index.skipped:
-        logger.warning("skipped (not an image by name): %s", uri)
+        logger.warning("skipped: %s", uri)
     done = prepare_output(options.output, job_description(options, index), options.overwrite)
     n_chunks = -(-len(index.rows) // options.chunk_size)
     todo = [c for c in range(n_chunks) if c not in done]
