@@ -18,7 +18,7 @@ from protein_ray.labels import NUM_CLASSES
 from protein_ray.spec import RGB
 
 # Stands in ``sources`` for a stain file that is not there; decoding reports it.
-MISSING_STAIN = "<missing {} stain>"  # stands in ``sources`` for a stain file that is not there
+MISSING_STAIN = "<missing {} stain>"
 
 
 class DataSourceError(ValueError):
@@ -31,7 +31,7 @@ class InputOptions:
     takes (and which file channel is which), how many classes labels may name."""
 
     split: str | None = None
-    layout: str = "auto"  # auto, kaggle, plate, imagexpress, phenix (or "custom" with pattern)
+    layout: str = "auto"  # auto, kaggle, plate, imagexpress, phenix
     pattern: str | None = None  # a regular expression as in FolderLayout; overrides the layout's
     stains: tuple[str, ...] = tuple(stain.name for stain in RGB)  # the model's stains, in order
     channel_map: tuple[tuple[int, str], ...] = ()  # file channel number -> stain name; default: by order
