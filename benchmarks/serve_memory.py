@@ -103,7 +103,9 @@ def main() -> None:
             serve.shutdown()
             ray.shutdown()
     pixels = args.side**2
-    per_image = pixels * (8 + 3 * 4)  # RGBA uint16 decoded, then the float32 RGB copy
+    # Per image at its peak: RGBA uint16 decoded (8 bytes/px), three float32 planes, their stacked copy and
+    # the tensor copy the resize makes (3 x 3 x 4 bytes/px).
+    per_image = pixels * (8 + 3 * 3 * 4)
     print(f"{args.requests} concurrent {args.side}^2 16-bit RGBA TIFFs ({len(body) / 1e3:.0f} KB each) "
           f"in {seconds:.1f} s: {dict(statuses)}")
     print(f"ingress RSS: idle {idle / 2**30:.2f} GiB, peak {max(peaks) / 2**30:.2f} GiB, growth "
