@@ -25,7 +25,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# The quick loop while developing (~4 minutes on 2 cores).
+# The quick loop while developing (~5 minutes on 2 cores).
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not cluster"
 
