@@ -122,10 +122,17 @@ def scale_stain(plane: np.ndarray, stain: Stain) -> np.ndarray:
         return np.clip((plane.astype(np.float32) - low) / (high - low), 0, 1).astype(np.float32)
     if plane.dtype == np.uint8 or plane.dtype == np.bool_:
         return plane.astype(np.float32) / (255.0 if plane.dtype == np.uint8 else 1.0)
-    if plane.dtype.kind not in "iu" or plane.min(initial=0) < 0 or plane.max(initial=0) > 65535:
-        raise ImageDecodeError("bit_depth", f"unsupported pixel type {plane.dtype}; expected 8- or 16-bit")
+    check_bit_depth(plane)
     full_scale = 2 ** (stain.bits or 16) - 1
     return np.minimum(plane.astype(np.float32) / np.float32(full_scale), 1.0)
+
+
+def check_bit_depth(plane: np.ndarray) -> None:
+    """Refuse pixels that are not 8- or 16-bit integers (float TIFFs, 32-bit values)."""
+    if plane.dtype in (np.uint8, np.uint16, np.bool_):
+        return
+    if plane.dtype.kind not in "iu" or plane.min(initial=0) < 0 or plane.max(initial=0) > 65535:
+        raise ImageDecodeError("bit_depth", f"unsupported pixel type {plane.dtype}; expected 8- or 16-bit")
 
 
 def decode_raw(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
@@ -204,7 +211,7 @@ def stack_stains(stains: Sequence[bytes], max_pixels: int = MAX_PIXELS) -> np.nd
     if all(p.dtype == np.uint8 for p in planes):
         return np.stack(planes, axis=-1)
     for plane in planes:
-        scale_stain(plane[:1, :1], Stain("check"))  # refuses pixel types that are neither 8- nor 16-bit
+        check_bit_depth(plane)  # before the cast to uint16, which would wrap wider values silently
     return np.stack([p.astype(np.uint16) * (257 if p.dtype == np.uint8 else 1) for p in planes], axis=-1)
 
 

@@ -172,3 +172,14 @@ def test_every_truncation_of_a_file_is_a_decode_error(fmt, rgb8):
         with pytest.raises(ImageDecodeError) as error:
             decode_image(data[:length])
         assert error.value.reason in ("not_an_image", "truncated"), length
+
+
+def test_a_32_bit_stain_beside_8_bit_ones_is_refused_not_wrapped():
+    """Merging casts to 16 bits; a wider value must be an error, not wrap to a small one."""
+    wide = np.zeros((8, 8), np.int32)
+    wide[5, 5] = 70_000  # anywhere in the plane, not only its first pixel
+    stains = [encode(np.zeros((8, 8), np.uint8), "PNG"), encode(np.zeros((8, 8), np.uint8), "PNG"),
+              encode(wide, "TIFF")]
+    with pytest.raises(ImageDecodeError) as error:
+        decode_image(stains)
+    assert error.value.reason == "bit_depth"
