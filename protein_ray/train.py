@@ -144,9 +144,12 @@ def report_epoch(epoch: int, model, optimizer, job: TrainJob, metrics: dict | No
 
 
 def append_history(run_uri: str, record: dict) -> None:
+    """Add an epoch's record. An epoch run again after a failure (its checkpoint was not
+    committed) replaces what the lost attempt logged, so each epoch appears once."""
     uri = storage.join(run_uri, HISTORY_FILE)
-    previous = storage.read_text(uri) if storage.exists(uri) else ""
-    storage.write_text(uri, previous + json.dumps(record) + "\n")
+    lines = storage.read_text(uri).splitlines() if storage.exists(uri) else []
+    kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] < record["epoch"]]
+    storage.write_text(uri, "".join(f"{line}\n" for line in [*kept, json.dumps(record)]))
 
 
 def epoch_line(epoch: int, epochs: int, record: dict, eta_s: float) -> str:

@@ -1,5 +1,6 @@
 """Training: configuration, checkpoints, and real Ray Train runs (2 CPU workers, gloo)."""
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -179,6 +180,18 @@ def test_killed_worker_restarts_from_latest_checkpoint(ray_session, tmp_path_fac
     assert epochs[-1] == 2 and epochs[0] == 0
     assert epochs.count(0) == 1, f"the restart began again at epoch 1: {epochs}"
     assert read_model_card(best).epoch in epochs
+
+
+def test_an_epoch_run_again_after_a_failure_is_logged_once(tmp_path):
+    """A worker lost after logging an epoch but before its checkpoint was committed runs
+    that epoch again: its new record replaces the lost attempt's, later ones go."""
+    from protein_ray.train import HISTORY_FILE, append_history
+
+    for epoch, loss in ((0, 0.9), (1, 0.8), (2, 0.7), (1, 0.6), (2, 0.5)):
+        append_history(str(tmp_path), {"epoch": epoch, "train_loss": loss})
+    lines = (tmp_path / HISTORY_FILE).read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [
+        {"epoch": 0, "train_loss": 0.9}, {"epoch": 1, "train_loss": 0.6}, {"epoch": 2, "train_loss": 0.5}]
 
 
 # ---------------------------------------------------------------- bad data ---
