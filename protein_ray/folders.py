@@ -17,6 +17,7 @@ import pandas as pd
 
 from protein_ray import shards, storage
 from protein_ray.labels import parse_label_string
+from protein_ray.plates import canonical_well
 from protein_ray.sources import MISSING_STAIN, DataSourceError, InputOptions, read_csv
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
@@ -165,7 +166,11 @@ def attach_labels(rows: pd.DataFrame, csv_uri: str, num_classes: int) -> pd.Data
     or plate, well, field, labels (per field). Images without a row stay unlabelled."""
     table = read_csv(csv_uri, ("plate", "well", "labels"))
     keys = ["plate", "well", "field"] if "field" in table.columns else ["plate", "well"]
-    table["well"] = [f"{w[0].upper()}{int(w[1:]):02d}" for w in table["well"]]
+    wells = [canonical_well(well) for well in table["well"]]
+    if None in wells:
+        line = wells.index(None)
+        raise DataSourceError(f"{csv_uri}: line {line + 2}: {table['well'][line]!r} is not a well name like B07")
+    table["well"] = wells
     if "field" in keys:
         table["field"] = table["field"].astype(int)
     if table.duplicated(keys).any():

@@ -53,6 +53,18 @@ def parse_well(well: str) -> tuple[int, int] | None:
     return ord(match[1].upper()) - ord("A"), int(match[2]) - 1
 
 
+def canonical_well(well: str) -> str | None:
+    """``"b7"`` -> ``"B07"``: the one spelling of a well name (None if it is not one)."""
+    position = parse_well(str(well).strip())
+    return None if position is None else f"{chr(ord('A') + position[0])}{position[1] + 1:02d}"
+
+
+def is_edge_well(well: str, shape: tuple[int, int]) -> bool:
+    """Whether ``well`` lies on the outer ring of a plate of ``shape`` (rows, columns)."""
+    row, column = parse_well(well)
+    return row in (0, shape[0] - 1) or column in (0, shape[1] - 1)
+
+
 def plate_format(wells) -> tuple[int, int]:
     """The smallest standard plate that holds all ``wells`` (96: 8x12, 384: 16x24)."""
     positions = [p for p in map(parse_well, wells) if p is not None]
@@ -74,32 +86,48 @@ def positive_matrix(predictions: pd.DataFrame, num_classes: int) -> np.ndarray:
     return multi_hot_matrix(label_lists, num_classes) > 0.5
 
 
+def good_fields(predictions: pd.DataFrame) -> np.ndarray:
+    """Rows that count in well aggregates: scored, and not flagged by image QC
+    (a flagged field keeps its prediction row; it just does not speak for its well)."""
+    scored = predictions["error"].isna().to_numpy()
+    if "qc_flags" in predictions:
+        scored = scored & predictions["qc_flags"].fillna("").eq("").to_numpy()
+    return scored
+
+
 def well_table(predictions: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
-    """Per-well table: plate, well, images_scored, images_failed, then
-    ``mean_prob_<class>`` and ``frac_pos_<class>`` over the well's scored fields.
+    """Per-well table: plate, well, images_scored, images_failed, images_flagged, then
+    ``mean_prob_<class>``, ``median_prob_<class>`` and ``frac_pos_<class>`` over the
+    well's good fields (scored and not QC-flagged).
 
     Rows without a plate or well (plain image folders, Kaggle) are left out.
-    A well whose fields all failed keeps its row, with empty means.
+    A well with no good field keeps its row, with empty means.
     """
     import pandas as pd  # here, not at the top: the CLI imports this module and must start fast
     plated = predictions[predictions["plate"].notna() & predictions["well"].notna()]
-    columns = ["plate", "well", "images_scored", "images_failed"]
     keys = class_keys(classes)
-    columns += [f"mean_prob_{k}" for k in keys] + [f"frac_pos_{k}" for k in keys]
+    stats = [f"{stat}_{k}" for stat in ("mean_prob", "median_prob", "frac_pos") for k in keys]
+    columns = ["plate", "well", "images_scored", "images_failed", "images_flagged", *stats]
     if plated.empty:
         return pd.DataFrame(columns=columns)
     scored = plated["error"].isna().to_numpy()
+    good = good_fields(plated)
     frame = pd.DataFrame({"plate": plated["plate"].to_numpy(), "well": plated["well"].to_numpy(),
-                          "images_scored": scored.astype(int), "images_failed": (~scored).astype(int)})
+                          "images_scored": scored.astype(int), "images_failed": (~scored).astype(int),
+                          "images_flagged": (scored & ~good).astype(int)})
     positive = positive_matrix(plated, len(classes)).astype(float)
-    positive[~scored] = np.nan  # a failed field is not a negative field
+    positive[~good] = np.nan  # a failed or flagged field is not a negative field
     for c, (key, prob_column) in enumerate(zip(keys, prob_columns(classes))):
-        frame[f"mean_prob_{key}"] = plated[prob_column].to_numpy(dtype=float)  # NaN for failed rows
+        probs = plated[prob_column].to_numpy(dtype=float)
+        frame[f"prob_{key}"] = np.where(good, probs, np.nan)
         frame[f"frac_pos_{key}"] = positive[:, c]
     grouped = frame.groupby(["plate", "well"], sort=True)
-    counts = grouped[["images_scored", "images_failed"]].sum()
-    means = grouped[columns[4:]].mean()  # pandas skips NaN: means over scored fields only
-    return counts.join(means).reset_index()[columns]
+    counts = grouped[["images_scored", "images_failed", "images_flagged"]].sum()
+    # pandas skips NaN: statistics over good fields only
+    means = grouped[[f"prob_{k}" for k in keys]].mean().rename(columns=lambda c: f"mean_{c}")
+    medians = grouped[[f"prob_{k}" for k in keys]].median().rename(columns=lambda c: f"median_{c}")
+    fractions = grouped[[f"frac_pos_{k}" for k in keys]].mean()
+    return counts.join(means).join(medians).join(fractions).reset_index()[columns]
 
 
 # --------------------------------------------------------------- heatmaps ----
