@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup demo test test-fast test-slow test-cluster bench lint clean
+.PHONY: setup demo test test-fast test-slow test-cluster bench lint clean browser
 
 setup: $(STAMP)
 
@@ -34,6 +34,12 @@ test-slow: $(STAMP)
 
 test-cluster: $(STAMP)
 	$(BIN)/python -m pytest -m cluster
+
+# Headless Chromium for the HTML report's browser test (tests/test_report.py). Installing
+# needs root and apt: where they are missing this says so and that test is skipped.
+browser:
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+		|| echo "make browser: could not install chromium (needs root and apt-get); the report's browser test will be skipped"
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check .
