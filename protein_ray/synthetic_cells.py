@@ -302,9 +302,13 @@ def _green(field: Field, labels: Sequence[int], rng) -> np.ndarray:
     return green * per_cell + haze
 
 
-def _camera(image: np.ndarray, scale: float, rng) -> np.ndarray:
-    """Optics and sensor: blur, offset, shot noise and read noise."""
-    blur = rng.uniform(0.4, 1.0) * scale * 2
+def _camera(image: np.ndarray, scale: float, rng, defocus: float = 0.0) -> np.ndarray:
+    """Optics and sensor: blur, offset, shot noise and read noise.
+
+    ``defocus`` (px at 512) widens the optical blur; noise is added after it, as on a real
+    sensor, so a defocused field keeps its pixel noise (QC must see through that).
+    """
+    blur = math.hypot(rng.uniform(0.4, 1.0) * scale * 2, defocus * scale)
     if blur > 0.3:
         image = ndimage.gaussian_filter(image, (blur, blur, 0))
     image = image + rng.uniform(0.003, 0.02, image.shape[-1])
@@ -332,19 +336,28 @@ def _endoplasmic_reticulum(field: Field, rng) -> np.ndarray:
     return (mesh * density + sheets + envelope + 0.05) * per_cell * field.cytoplasm
 
 
-def _render_rgb(labels: Sequence[int], size: int, rng: np.random.Generator) -> tuple[Field, np.ndarray]:
+def _render_rgb(labels: Sequence[int], size: int, rng: np.random.Generator,
+                defocus: float = 0.0) -> tuple[Field, np.ndarray]:
     """The field's geometry and its 3-stain picture (the draws that fix ``render_field``'s output)."""
     labels = validate_ids(labels)
     field = _build_field(size, rng)
     gains = rng.lognormal(np.log([0.54, 0.68, 0.72]), 0.3)  # exposure per channel
     red = _microtubules(field, rng) * rng.uniform(0.6, 1.1, field.n_cells + 1)[field.owner]
     image = np.stack([red * gains[0], _green(field, labels, rng) * gains[1], _dna(field, rng) * gains[2]], -1)
-    return field, _camera(image, field.scale, rng)
+    return field, _camera(image, field.scale, rng, defocus)
 
 
-def render_field(labels: Sequence[int], size: int, rng: np.random.Generator) -> np.ndarray:
-    """One field of view as float32 (size, size, 3) in 0..1: R microtubules, G protein, B DNA."""
-    return _render_rgb(labels, size, rng)[1]
+def render_field(labels: Sequence[int], size: int, rng: np.random.Generator, defocus: float = 0.0) -> np.ndarray:
+    """One field of view as float32 (size, size, 3) in 0..1: R microtubules, G protein, B DNA.
+
+    ``defocus`` > 0 (a Gaussian sigma in px at 512, scaled with ``size``) renders the field out of focus.
+    """
+    return _render_rgb(labels, size, rng, defocus)[1]
+
+
+def render_background(size: int, channels: int, rng: np.random.Generator) -> np.ndarray:
+    """A field with no cells (float32 (size, size, channels)): only the camera's offset and noise."""
+    return _camera(np.zeros((size, size, channels), np.float32), size / 512, rng)
 
 
 def render_stains(labels: Sequence[int], size: int, rng: np.random.Generator) -> np.ndarray:

@@ -17,7 +17,7 @@ from PIL import Image
 from scipy import ndimage
 
 from protein_ray import cli, storage, synthetic, synthetic_exports
-from protein_ray.labels import NUM_CLASSES, multi_hot_matrix, parse_label_string
+from protein_ray.labels import CLASS_NAMES, NUM_CLASSES, multi_hot_matrix, parse_label_string
 from protein_ray.synthetic_cells import _build_field, render_field, render_stains
 
 
@@ -383,3 +383,119 @@ def test_cli_writes_a_whole_384_well_export(tmp_path, capsys):
     assert len(list(out.glob("P001/*.TIF"))) == 384 * 4
     assert '"YWells", 16' in (out / "P001" / "P001.HTD").read_text()
     assert json.loads((out / synthetic.MANIFEST).read_text())["args"]["kind"] == "imagexpress"
+
+
+# ----------------------------------------------------------------------------- controls and planted QC faults
+CONTROLS = dict(wells=96, fields=1, size=32, seed=6, workers=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def plain_plate(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("plain") / "plate"
+    synthetic.write_plate_dataset(out, plates=2, **CONTROLS)
+    return out
+
+
+def test_controls_plate_map_and_labels(plain_plate, tmp_path):
+    out = tmp_path / "controls"
+    summary = synthetic.write_plate_dataset(out, plates=2, controls=True, **CONTROLS)
+    plate_map, wells = read_csv(out / "plate_map.csv"), read_csv(out / "wells.csv")
+    assert list(plate_map[0]) == ["plate", "well", "role", "target", "compound"] and len(plate_map) == 2 * 96
+    assert summary["plate_map_csv"] == str(out / "plate_map.csv") and summary["target"] == "Plasma membrane"
+    target = CLASS_NAMES.index("Plasma membrane")
+    labels = {(row["plate"], row["well"]): parse_label_string(row["labels"]) for row in wells}
+    for row in plate_map:
+        column, key = int(row["well"][1:]), (row["plate"], row["well"])
+        role = "negative" if column <= 2 else "positive" if column >= 11 else "sample"
+        assert row["role"] == role and (row["target"] == "Plasma membrane") == (role == "positive"), row
+        assert row["compound"] == {"negative": "DMSO", "positive": "control-plasma-membrane"}.get(role, row["compound"])
+        if role != "sample":
+            assert (target in labels[key]) == (role == "positive"), row
+    samples = [row["compound"] for row in plate_map if row["role"] == "sample"]
+    assert len(set(samples)) == len(samples) == 2 * 8 * 8 and all(re.fullmatch(r"cmpd-\d{4}", c) for c in samples)
+    assert {tuple(labels[r["plate"], r["well"]]) for r in plate_map if r["role"] == "negative"} == {(4,)}  # Nucleoplasm
+    # Sample wells are the plain plate's, label and pixel for pixel; only control wells changed.
+    plain, mine = digests(plain_plate), digests(out)
+    sample_wells = {(row["plate"], row["well"]) for row in plate_map if row["role"] == "sample"}
+    plain_labels = {(row["plate"], row["well"]): parse_label_string(row["labels"])
+                    for row in read_csv(plain_plate / "wells.csv")}
+    assert all(labels[key] == plain_labels[key] for key in sample_wells)
+    changed = {key for key in labels if labels[key] != plain_labels[key]}
+    assert changed and not changed & sample_wells
+    for name in (name for name in plain if name.endswith(".png")):  # an image changes iff its labels did
+        key = (name.split("/")[0], name.split("_")[1])
+        assert (plain[name] != mine[name]) == (key in changed), name
+
+
+def test_controls_on_384_wells_and_another_target(tmp_path):
+    out = tmp_path / "p384"
+    synthetic.write_plate_dataset(out, wells=384, fields=1, size=16, controls=True, target="nucleoplasm",
+                                  workers=1, progress=False)
+    plate_map, wells = read_csv(out / "plate_map.csv"), read_csv(out / "wells.csv")
+    roles = {int(row["well"][1:]): row["role"] for row in plate_map}
+    assert [roles[c] for c in (1, 2, 3, 22, 23, 24)] == ["negative", "negative", "sample", "sample", "positive", "positive"]
+    by_role = {}
+    for row, well in zip(plate_map, wells):
+        by_role.setdefault(row["role"], set()).add(well["labels"])
+    assert by_role["positive"] == {"4"} and by_role["negative"] == {"6"}  # Cytosol: the commonest set without 4
+    assert json.loads((out / synthetic.MANIFEST).read_text())["args"]["target"] == "Nucleoplasm"
+
+
+def test_control_options_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="controls=True"):
+        synthetic.write_plate_dataset(tmp_path / "p", target="Mitochondria", progress=False)
+    with pytest.raises(ValueError, match="target must be one of"):
+        synthetic.write_plate_dataset(tmp_path / "p", controls=True, target="Cilia", progress=False)
+    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("channels, bit_depth", [("merged", 8), ("separate", 16)])
+def test_planted_qc_fields_show_their_fault(tmp_path, channels, bit_depth):
+    out = tmp_path / "planted"
+    synthetic.write_plate_dataset(out, fields=1, size=128, seed=6, plant_qc=True, channels=channels,
+                                  bit_depth=bit_depth, workers=2, progress=False)
+    full = 255 if bit_depth == 8 else 65535
+
+    def stains(image_id: str) -> np.ndarray:
+        if channels == "merged":
+            return np.asarray(Image.open(out / "P001" / f"{image_id}.png")) / full
+        return np.stack([tifffile.imread(out / "P001" / f"{image_id}_{s}.tif") for s in synthetic.STAINS], -1) / full
+
+    assert (stains("P001_D06_f1")[..., 1] == 1).mean() >= synthetic.PLANTED_SATURATED_AREA
+    empty = stains("P001_E07_f1")
+    assert empty.max() < 0.1 and empty.std() < 0.01  # offset and noise only: no cells
+    # The defocused field against the same field rendered sharp: less fine detail (a 1-2 px band-pass;
+    # both carry the same sensor noise, which defocus does not remove, so the ratio is ~0.7, not ~0).
+    labels = [row["labels"] for row in read_csv(out / "ground_truth.csv") if row["image_id"] == "P001_C05_f1"][0]
+    sharp = render_field(parse_label_string(labels), 128, np.random.default_rng([6, synthetic.PLATE, 0, 28, 1]))
+    detail = []
+    for image in (stains("P001_C05_f1"), sharp):
+        grey = image.mean(-1)
+        detail.append((ndimage.gaussian_filter(grey, 1) - ndimage.gaussian_filter(grey, 2)).std() / grey.std())
+    assert detail[0] < 0.8 * detail[1], detail
+
+
+def test_planting_changes_only_the_planted_fields(plain_plate, tmp_path):
+    out = tmp_path / "planted"
+    summary = synthetic.write_plate_dataset(out, plates=2, plant_qc=True, **CONTROLS)
+    truth = read_csv(out / "ground_truth.csv")
+    assert list(truth[0]) == ["plate", "well", "field", "image_id", "labels", "planted_qc"]
+    planted = {(row["plate"], row["well"], int(row["field"])): row["planted_qc"] for row in truth if row["planted_qc"]}
+    assert planted == {(plate, well, field): flag for plate in ("P001", "P002")
+                       for (well, field), flag in synthetic.PLANTED_QC.items()}
+    assert summary["planted_qc"] == [[well, field, flag] for (well, field), flag in synthetic.PLANTED_QC.items()]
+    assert all(int(well[1:]) not in (1, 2, 11, 12) for well, _ in synthetic.PLANTED_QC)  # sample wells
+    plain, mine = digests(plain_plate), digests(out)
+    changed = {name for name in plain if name.endswith(".png") and plain[name] != mine[name]}
+    assert changed == {f"{plate}/{plate}_{well}_f{field}.png" for plate, well, field in planted}
+
+
+def test_new_options_are_recorded_and_a_changed_folder_is_regenerated(tmp_path):
+    out, small = tmp_path / "p", dict(wells=96, fields=1, size=16, workers=1, progress=False)
+    synthetic.write_plate_dataset(out, **small)
+    assert not {"controls", "target", "plant_qc"} & set(json.loads((out / synthetic.MANIFEST).read_text())["args"])
+    again = synthetic.write_plate_dataset(out, plant_qc=True, controls=True, **small)
+    args = json.loads((out / synthetic.MANIFEST).read_text())["args"]
+    assert not again["reused"] and (args["plant_qc"], args["controls"], args["target"]) == (True, True, "Plasma membrane")
+    assert synthetic.write_plate_dataset(out, plant_qc=True, controls=True, **small)["reused"]
+    assert not synthetic.write_plate_dataset(out, **small)["reused"] and not (out / "plate_map.csv").exists()
