@@ -184,11 +184,17 @@ def run_predict(args: argparse.Namespace) -> None:
 
 OUTPUTS_HELP = """\
 outputs (under --output):
+  report.html     one self-contained page: plate heatmaps, Z′ and QC tables, edge
+        effects, top wells with thumbnails, failed and flagged images
   predictions.parquet, predictions.csv  one row per input image: image_id, source,
         plate, well, field, prob_<class> per class, labels (Kaggle ids), error
-        (empty, or why the image was not scored), error_detail
-  wells.parquet, wells.csv   per well: images scored/failed, mean_prob_<class>,
-        frac_pos_<class> (when file names carry plate and well)
+        (empty, or why the image was not scored), error_detail, qc_* measures and
+        qc_flags (blurred, saturated, empty: kept, but left out of well aggregates)
+  wells.parquet, wells.csv   per well (when file names carry plate and well): the
+        plate map's columns, images scored/failed/flagged, mean_prob_<class>,
+        median_prob_<class>, frac_pos_<class>, robust_z_<class> (vs negative wells)
+  plates.parquet, plates.csv  per plate and class: Z′, robust Z′, edge effect
+  profiles.parquet  median embedding per well, pycytominer layout (--embeddings)
   heatmaps/<plate>/<class>.png  fraction of positive fields per well
   submission.csv  Kaggle Image,Label (Kaggle test split, or --submission)
   embeddings.parquet  penultimate-layer features (--embeddings)
@@ -248,11 +254,29 @@ def add_predict_command(commands) -> None:
     parser.add_argument("--submission", action="store_true",
                         help="write submission.csv for every image (automatic for a Kaggle test split)")
     parser.add_argument("--no-heatmaps", dest="heatmaps", action="store_false", help="skip the plate heatmaps")
+    add_screen_options(parser, defaults)
     parser.add_argument("--overwrite", action="store_true",
                         help="delete this job's earlier outputs at --output and start afresh")
     add_address_option(parser)
     parser.set_defaults(handler=run_predict)
 
+
+def add_screen_options(parser: argparse.ArgumentParser, defaults: dict) -> None:
+    screen = parser.add_argument_group("plate map, image QC and report")
+    screen.add_argument("--plate-map", default=None, metavar="CSV",
+                        help="plate, well, role (negative/positive/sample/empty) and free columns such as compound "
+                        "or target (the class a positive control stands for); gives robust z and Z′")
+    screen.add_argument("--no-qc", dest="qc", action="store_false",
+                        help="skip the per-field focus/saturation/foreground measures and flags")
+    screen.add_argument("--qc-mad", type=float, default=defaults["qc_mad"], metavar="K",
+                        help=f"flag a field beyond K robust SDs of its plate (default {defaults['qc_mad']:g})")
+    screen.add_argument("--qc-min-focus", type=float, default=None, metavar="X",
+                        help="flag fields with qc_focus below X (instead of the plate-derived threshold)")
+    screen.add_argument("--qc-max-saturated", type=float, default=None, metavar="FRACTION",
+                        help="flag fields with more than this fraction of saturated pixels in a stain")
+    screen.add_argument("--qc-min-foreground", type=float, default=None, metavar="FRACTION",
+                        help="flag fields with less than this fraction of foreground (cell) pixels as empty")
+    screen.add_argument("--no-report", dest="report", action="store_false", help="skip report.html")
 
 
 COMMANDS = [add_synth_command, add_shard_command, add_train_command, add_predict_command]

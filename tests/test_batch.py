@@ -467,5 +467,6 @@ def test_a_shard_that_cannot_be_read_fails_its_rows_not_the_job(tmp_path):
     work = [{"row": 0, "shard": str(broken), "at": 0}, {"row": 1, "shard": str(broken), "at": 1}]
     images = read_shard_images(work)
     assert set(images) == {0, 1} and all(isinstance(error, Exception) for error in images.values())
-    rows = decode_rows(work, images, Preprocessing(32), max_pixels=10**6)
+    rows = decode_rows(work, images, Preprocessing(32), max_pixels=10**6, measure_qc=True)
+    assert np.isnan(rows["qc"]).all() and rows["qc"].shape == (2, 5)  # focus, foreground, saturation x 3 stains
     assert list(rows["error"]) == ["unreadable", "unreadable"] and str(broken) in rows["detail"][0]

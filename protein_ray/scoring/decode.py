@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from protein_ray import storage
 from protein_ray.imaging import ImageDecodeError, Preprocessing, decode_image, preprocess_batch
+from protein_ray.qc import field_measures, measure_names
 from protein_ray.sources import missing_stains
 
 READ_THREADS = 8  # concurrent reads per decode task
@@ -27,14 +28,31 @@ def chunk_work(rows: pd.DataFrame, chunk_size: int, chunks: list[int]) -> list[d
     (a plain string column: no nested Arrow types to reconcile across blocks)."""
     items = []
     for chunk in chunks:
-        part = rows.iloc[chunk * chunk_size:(chunk + 1) * chunk_size]
-        work = [
-            {"row": int(row), "shard": shard, "at": int(at)} if isinstance(shard, str)
-            else {"row": int(row), "sources": list(sources)}
-            for row, sources, shard, at in zip(part.index, part["sources"], part["shard_file"], part["shard_row"])
-        ]
+        work = work_items(rows.iloc[chunk * chunk_size:(chunk + 1) * chunk_size])
         items.append({"chunk": chunk, "work": json.dumps(work)})
     return items
+
+
+def work_items(rows: pd.DataFrame) -> list[dict]:
+    """Where each row's bytes are: a shard file and row, or the image's file(s)."""
+    return [
+        {"row": int(row), "shard": shard, "at": int(at)} if isinstance(shard, str)
+        else {"row": int(row), "sources": list(sources)}
+        for row, sources, shard, at in zip(rows.index, rows["sources"], rows["shard_file"], rows["shard_row"])
+    ]
+
+
+def load_fields(rows: pd.DataFrame, preprocessing: Preprocessing, max_pixels: int) -> dict[str, np.ndarray]:
+    """Decoded images (H, W, C on 0..1) of index ``rows`` by image id, for the report's
+    thumbnails; rows that cannot be read are left out."""
+    work = work_items(rows)
+    shard_images = read_shard_images(work)
+    images = {}
+    for item, image_id in zip(work, rows["image_id"]):
+        image, _, _ = decode_encoded(fetch_encoded(item, shard_images), preprocessing, max_pixels)
+        if image is not None:
+            images[image_id] = image
+    return images
 
 
 def read_shard_images(work: list[dict]) -> dict[int, bytes | Exception]:
@@ -97,31 +115,45 @@ def decode_encoded(encoded: list[bytes] | Exception, preprocessing: Preprocessin
 
 
 def decode_rows(work: list[dict], shard_images: dict[int, bytes], preprocessing: Preprocessing,
-                max_pixels: int) -> dict:
-    """Work rows -> one output row each: preprocessed pixels, or zeros and an error."""
+                max_pixels: int, measure_qc: bool) -> dict:
+    """Work rows -> one output row each: preprocessed pixels, or zeros and an error;
+    with ``measure_qc``, the field's QC measures at full resolution (NaN if it failed)."""
     with ThreadPoolExecutor(min(READ_THREADS, len(work))) as pool:
         encoded = list(pool.map(lambda item: fetch_encoded(item, shard_images), work))
     outcomes = [decode_encoded(data, preprocessing, max_pixels) for data in encoded]
     good = [i for i, (image, _, _) in enumerate(outcomes) if image is not None]
+    measures = None
+    if measure_qc:
+        width = len(measure_names(preprocessing.stain_names))
+        measures = qc_measures([outcomes[i][0] for i in good], good, len(work), width)
     pixels = preprocess_batch([outcomes[i][0] for i in good], preprocessing)
     if len(good) < len(work):
         size = preprocessing.image_size
         padded = np.zeros((len(work), preprocessing.channels, size, size), np.float32)
         padded[good] = pixels
         pixels = padded
-    return {
+    block = {
         "row": np.array([item["row"] for item in work], np.int64),
         "error": np.array([reason for _, reason, _ in outcomes], dtype=object),
         "detail": np.array([detail for _, _, detail in outcomes], dtype=object),
         "pixels": pixels,
     }
+    return block if measures is None else block | {"qc": measures}
 
 
-def decode_chunks(batch: dict, preprocessing: Preprocessing, max_pixels: int, decode_batch: int):
+def qc_measures(images: list[np.ndarray], positions: list[int], rows: int, width: int) -> np.ndarray:
+    """(rows, width) float32: each decoded field's QC measures at its row, NaN elsewhere."""
+    out = np.full((rows, width), np.nan, np.float32)
+    if images:
+        out[positions] = np.stack([field_measures(image) for image in images])
+    return out
+
+
+def decode_chunks(batch: dict, preprocessing: Preprocessing, max_pixels: int, decode_batch: int, measure_qc: bool):
     """Ray Data map function: chunk items -> blocks of ``decode_batch`` decoded rows.
     Yielding small blocks keeps memory flat and starts the model before a chunk is done."""
     for text in batch["work"]:
         work = json.loads(str(text))
         shard_images = read_shard_images(work)
         for start in range(0, len(work), decode_batch):
-            yield decode_rows(work[start:start + decode_batch], shard_images, preprocessing, max_pixels)
+            yield decode_rows(work[start:start + decode_batch], shard_images, preprocessing, max_pixels, measure_qc)

@@ -13,7 +13,9 @@ import pandas as pd
 from protein_ray import storage
 from protein_ray.checkpoint import ModelCard, read_model_card, resolve_checkpoint, weights_bytes
 from protein_ray.inputs import InputIndex, resolve_inputs
+from protein_ray.plate_map import read_plate_map
 from protein_ray.predictor import model_summary
+from protein_ray.qc import measure_names
 from protein_ray.runtime import init_ray
 from protein_ray.scoring.decode import chunk_work
 from protein_ray.scoring.options import ErrorRateExceeded, PredictOptions
@@ -39,17 +41,21 @@ def score(options: PredictOptions) -> dict:
     index = resolve_inputs(options.inputs, input_options(options, card))
     for uri in index.skipped:
         logger.warning("skipped: %s", uri)
+    # Read now: a bad plate map fails before any image is scored.
+    plate_map = read_plate_map(options.plate_map, card.class_names) if options.plate_map else None
     done = prepare_output(options.output, job_description(options, index), options.overwrite)
     n_chunks = -(-len(index.rows) // options.chunk_size)
     todo = [c for c in range(n_chunks) if c not in done]
     logger.info("%d images in %d chunk(s) of %d; %d chunk(s) already written in %s", len(index.rows), n_chunks,
                 options.chunk_size, len(done), options.output)
-    writer = PartWriter(index.rows, card.class_names, options.chunk_size, todo, storage.join(options.output, PARTS_DIR))
+    qc_names = measure_names(card.preprocessing.stain_names) if options.qc else ()
+    writer = PartWriter(index.rows, card.class_names, options.chunk_size, todo, storage.join(options.output, PARTS_DIR),
+                        qc_names)
     if todo:
         run_pipeline(options, card, index, writer)
     scoring_seconds = time.perf_counter() - writer.started
     thresholds = np.asarray(card.thresholds, dtype=np.float32)
-    outputs, predictions = write_outputs(options, index, card, thresholds)
+    outputs, predictions = write_outputs(options, index, card, thresholds, plate_map)
     summary = build_summary(options, index, predictions, writer, n_chunks) | {
         "scoring_seconds": round(scoring_seconds, 3),
         "images_per_s": round(writer.images / scoring_seconds, 2) if writer.images else None,
@@ -112,10 +118,19 @@ def build_summary(options: PredictOptions, index: InputIndex, predictions: pd.Da
         "error_rate": float(failed.mean()) if len(predictions) else 0.0,
         "max_error_rate": options.max_error_rate,
         "skipped": index.skipped,
+        "qc_flagged": qc_counts(predictions),
         "images_this_run": writer.images,
         "chunks": {"total": n_chunks, "written_this_run": len(writer.written),
                    "already_written": n_chunks - len(writer.expected)},
     }
+
+
+def qc_counts(predictions: pd.DataFrame) -> dict:
+    """Fields per QC flag (a field may carry more than one)."""
+    if "qc_flags" not in predictions:
+        return {}
+    flags = predictions["qc_flags"].fillna("").str.split(";").explode()
+    return {str(flag): int(count) for flag, count in flags[flags != ""].value_counts().sort_index().items()}
 
 
 def format_summary(summary: dict) -> str:
@@ -131,5 +146,10 @@ def format_summary(summary: dict) -> str:
     if summary["skipped"]:
         shown = ", ".join(summary["skipped"][:10]) + (" ..." if len(summary["skipped"]) > 10 else "")
         lines.append(f"skipped {len(summary['skipped'])} file(s) that are not images by name: {shown}")
+    if summary["qc_flagged"]:
+        flagged = ", ".join(f"{flag} {count}" for flag, count in summary["qc_flagged"].items())
+        lines.append(f"image QC flagged: {flagged} (kept in predictions, left out of well aggregates)")
     lines.append(f"outputs in {summary['output']}: " + ", ".join(sorted(summary["outputs"])) + ", summary.json")
+    if "report_html" in summary["outputs"]:
+        lines.append(f"report: {summary['outputs']['report_html']}")
     return "\n".join(lines)

@@ -49,6 +49,13 @@ class PredictOptions:
     allow_empty: bool = False
     submission: bool = False  # write submission.csv for all images, not only Kaggle test splits
     heatmaps: bool = True
+    plate_map: str | None = None  # CSV: plate, well, role (negative/positive/sample/empty), free columns
+    qc: bool = True  # measure focus, foreground and saturation per field; flagged fields leave well aggregates
+    qc_mad: float = 3.0  # a field is flagged beyond this many robust SDs of its plate
+    qc_min_focus: float | None = None  # absolute QC thresholds instead of the plate-derived ones
+    qc_max_saturated: float | None = None
+    qc_min_foreground: float | None = None
+    report: bool = True  # report.html: heatmaps, Z′, QC, top wells, failures
     overwrite: bool = False
     address: str | None = None
 
@@ -72,6 +79,7 @@ class PredictOptions:
             (not 0 <= self.max_error_rate <= 1, "--max-error-rate must be between 0 and 1"),
             (not self.inputs, "give at least one --input"),
             (self.bit_depth is not None and not 8 <= self.bit_depth <= 16, "--bit-depth must be between 8 and 16"),
+            (self.qc_mad <= 0, "--qc-mad must be above 0"),
         ]
         for failed, message in problems:
             if failed:

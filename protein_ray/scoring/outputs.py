@@ -1,4 +1,5 @@
-"""Final outputs from the part files: predictions, wells, heatmaps, submission, embeddings."""
+"""Final outputs from the part files: predictions (with QC flags), wells, plates (Z′, edge
+effects), heatmaps, profiles, submission, embeddings and the HTML report."""
 
 from __future__ import annotations
 
@@ -14,9 +15,14 @@ from protein_ray.checkpoint import ModelCard
 from protein_ray.inputs import InputIndex
 from protein_ray.labels import format_label_string
 from protein_ray.metrics import apply_thresholds
-from protein_ray.plates import prob_columns, well_table, write_heatmaps
+from protein_ray.plate_map import attach_plate_map
+from protein_ray.plates import good_fields, prob_columns, well_table, write_heatmaps
+from protein_ray.qc import QcThresholds, flag_fields, measure_names
+from protein_ray.report import write_report
+from protein_ray.scoring.decode import load_fields
 from protein_ray.scoring.options import PredictJobError, PredictOptions
 from protein_ray.scoring.parts import PARTS_DIR, chunk_of_part, parquet_bytes, predictions_schema
+from protein_ray.screening import add_robust_z, plate_table, well_profiles
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +49,16 @@ def label_strings(frame: pd.DataFrame, classes: list[str], thresholds, never_emp
     return labels
 
 
-def predictions_frame(parts: pd.DataFrame, classes: list[str], thresholds, never_empty: bool) -> pd.DataFrame:
+def predictions_frame(parts: pd.DataFrame, classes: list[str], thresholds, never_empty: bool,
+                      qc_names: list[str], qc_thresholds: QcThresholds) -> pd.DataFrame:
     frame = parts.sort_values("row", ignore_index=True)
     frame["labels"] = label_strings(frame, classes, thresholds, never_empty)
     columns = ["image_id", "source", "plate", "well", "field", *prob_columns(classes), "labels", "error",
                "error_detail"]
+    if qc_names:
+        # Flags need every field of a plate: its own distribution sets the thresholds.
+        frame["qc_flags"] = flag_fields(frame[["plate", *qc_names]], qc_thresholds)
+        columns += [*qc_names, "qc_flags"]
     return frame[columns + (["embedding"] if "embedding" in frame else [])]
 
 
@@ -78,7 +89,8 @@ def write_table(frame: pd.DataFrame, uri: str, schema: pa.Schema | None = None) 
     return uri
 
 
-def write_outputs(options: PredictOptions, index: InputIndex, card: ModelCard, thresholds) -> tuple[dict, pd.DataFrame]:
+def write_outputs(options: PredictOptions, index: InputIndex, card: ModelCard, thresholds,
+                  plate_map: pd.DataFrame | None = None) -> tuple[dict, pd.DataFrame]:
     """Final outputs from all part files; returns (output URIs, predictions)."""
     out = options.output
     parts = read_parts(storage.join(out, PARTS_DIR))
@@ -86,21 +98,55 @@ def write_outputs(options: PredictOptions, index: InputIndex, card: ModelCard, t
         raise PredictJobError(f"{out}/{PARTS_DIR} holds {len(parts)} rows for {len(index.rows)} input images; "
                               "rerun with --overwrite")
     classes = card.class_names
-    predictions = predictions_frame(parts, classes, thresholds, never_empty=not options.allow_empty)
+    qc_names = measure_names(card.preprocessing.stain_names) if options.qc else []
+    predictions = predictions_frame(parts, classes, thresholds, not options.allow_empty, qc_names,
+                                    qc_thresholds(options))
     table = predictions.drop(columns=["embedding"], errors="ignore")
-    written = {"predictions_parquet": write_table(table, storage.join(out, "predictions.parquet"), predictions_schema(classes)),
+    schema = predictions_schema(classes, qc_names)
+    written = {"predictions_parquet": write_table(table, storage.join(out, "predictions.parquet"), schema),
                "predictions_csv": write_table(table, storage.join(out, "predictions.csv"))}
     if options.embeddings:
         embeddings = predictions[["image_id", "embedding"]]
         written["embeddings_parquet"] = write_table(embeddings, storage.join(out, "embeddings.parquet"))
-    wells = well_table(table, classes)
+    wells = add_robust_z(attach_plate_map(well_table(table, classes), plate_map), classes)
+    plates = plate_table(wells, classes)
     if len(wells):
-        written["wells_parquet"] = write_table(wells, storage.join(out, "wells.parquet"))
-        written["wells_csv"] = write_table(wells, storage.join(out, "wells.csv"))
+        written |= write_screen_tables(out, wells, plates)
         if options.heatmaps:
             written["heatmaps"] = write_heatmaps(wells, storage.join(out, "heatmaps"), classes)
+        if options.embeddings:
+            profiles = well_profiles(predictions, good_fields(predictions), wells)
+            written["profiles_parquet"] = write_table(profiles, storage.join(out, "profiles.parquet"))
     ids = table["image_id"].tolist() if options.submission else index.submission_ids
     if ids:
         written["submission_csv"] = write_table(submission_frame(table, classes, ids, options.allow_empty),
                                                 storage.join(out, "submission.csv"))
+    if options.report:
+        written["report_html"] = write_job_report(options, index, card, table, wells, plates)
     return written, table
+
+
+def qc_thresholds(options: PredictOptions) -> QcThresholds:
+    return QcThresholds(mad_k=options.qc_mad, min_focus=options.qc_min_focus,
+                        max_saturated=options.qc_max_saturated, min_foreground=options.qc_min_foreground)
+
+
+def write_screen_tables(out: str, wells: pd.DataFrame, plates: pd.DataFrame) -> dict:
+    return {"wells_parquet": write_table(wells, storage.join(out, "wells.parquet")),
+            "wells_csv": write_table(wells, storage.join(out, "wells.csv")),
+            "plates_parquet": write_table(plates, storage.join(out, "plates.parquet")),
+            "plates_csv": write_table(plates, storage.join(out, "plates.csv"))}
+
+
+def write_job_report(options: PredictOptions, index: InputIndex, card: ModelCard, predictions: pd.DataFrame,
+                     wells: pd.DataFrame, plates: pd.DataFrame) -> str:
+    """report.html; thumbnails are decoded again from the inputs, for the few fields it shows."""
+    preprocessing = card.preprocessing.with_bits(options.bit_depth)
+    rows = index.rows.set_index("image_id", drop=False)
+
+    def load(image_ids: list[str]) -> dict:
+        return load_fields(rows.loc[[i for i in image_ids if i in rows.index]], preprocessing, options.max_pixels)
+
+    title = f"protein-ray: {', '.join(options.inputs)}"
+    return write_report(storage.join(options.output, "report.html"), predictions, wells, plates, card.class_names,
+                        preprocessing.stain_names, load, title=title)

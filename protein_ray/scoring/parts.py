@@ -25,30 +25,34 @@ from protein_ray.scoring.options import PredictJobError, PredictOptions
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "protein-ray predictions v1"
+FORMAT = "protein-ray predictions v2"  # v2: image-QC columns
 JOB_FILE = "job.json"
 PARTS_DIR = "parts"
 OUTPUT_NAMES = (
     JOB_FILE, PARTS_DIR, "predictions.parquet", "predictions.csv", "wells.parquet", "wells.csv",
-    "heatmaps", "submission.csv", "embeddings.parquet", "summary.json",
+    "plates.parquet", "plates.csv", "profiles.parquet", "report.html", "heatmaps", "submission.csv",
+    "embeddings.parquet", "summary.json",
 )
 PROGRESS_EVERY_S = 10.0
 # Errors a rerun retries: the file may be readable next time (a storage outage).
 TRANSIENT_ERRORS = ("unreadable",)
 
 
-def predictions_schema(classes: Sequence[str], with_labels: bool = True) -> pa.Schema:
-    """Columns of predictions.parquet (and, without ``labels``, of the part files):
-    typed explicitly so that a part whose plates are all unknown still has string columns."""
+def predictions_schema(classes: Sequence[str], qc_names: Sequence[str] = (), with_labels: bool = True) -> pa.Schema:
+    """Columns of predictions.parquet (and, without ``labels`` and ``qc_flags``, of the part
+    files): typed explicitly so that a part whose plates are all unknown still has string columns."""
     columns = [("image_id", pa.string()), ("source", pa.string()), ("plate", pa.string()), ("well", pa.string()),
                ("field", pa.int32())]
     columns += [(column, pa.float32()) for column in prob_columns(classes)]
     columns += [("labels", pa.string())] if with_labels else []
-    return pa.schema(columns + [("error", pa.string()), ("error_detail", pa.string())])
+    columns += [("error", pa.string()), ("error_detail", pa.string())]
+    columns += [(name, pa.float32()) for name in qc_names]
+    columns += [("qc_flags", pa.string())] if with_labels and qc_names else []
+    return pa.schema(columns)
 
 
-def part_schema(classes: Sequence[str], embedding_width: int | None) -> pa.Schema:
-    schema = predictions_schema(classes, with_labels=False).insert(0, pa.field("row", pa.int64()))
+def part_schema(classes: Sequence[str], qc_names: Sequence[str], embedding_width: int | None) -> pa.Schema:
+    schema = predictions_schema(classes, qc_names, with_labels=False).insert(0, pa.field("row", pa.int64()))
     if embedding_width:
         schema = schema.append(pa.field("embedding", pa.list_(pa.float32(), embedding_width)))
     return schema
@@ -65,7 +69,7 @@ def chunk_of_part(uri: str) -> int | None:
     return None
 
 
-def part_table(index: pd.DataFrame, classes: Sequence[str], results: dict) -> pa.Table:
+def part_table(index: pd.DataFrame, classes: Sequence[str], qc_names: Sequence[str], results: dict) -> pa.Table:
     """A chunk's rows: index metadata joined with the model stage's results, in row order."""
     order = np.argsort(results["row"])
     rows = results["row"][order]
@@ -77,10 +81,12 @@ def part_table(index: pd.DataFrame, classes: Sequence[str], results: dict) -> pa
     errors = results["error"][order]
     frame["error"] = [str(e) if e else None for e in errors]
     frame["error_detail"] = [str(d) if e else None for e, d in zip(errors, results["detail"][order])]
+    for m, name in enumerate(qc_names):
+        frame[name] = results["qc"][order, m]
     width = results["embedding"].shape[1] if "embedding" in results else None
     if width:
         frame["embedding"] = [None if e else row for e, row in zip(errors, results["embedding"][order])]
-    return pa.Table.from_pandas(frame, schema=part_schema(classes, width), preserve_index=False)
+    return pa.Table.from_pandas(frame, schema=part_schema(classes, qc_names, width), preserve_index=False)
 
 
 def parquet_bytes(table: pa.Table) -> bytes:
@@ -93,8 +99,10 @@ class PartWriter:
     """Driver side of the stream: collects result rows per chunk, writes a chunk's
     part file once all its rows are in, and reports progress."""
 
-    def __init__(self, index: pd.DataFrame, classes: Sequence[str], chunk_size: int, chunks: list[int], parts: str):
+    def __init__(self, index: pd.DataFrame, classes: Sequence[str], chunk_size: int, chunks: list[int], parts: str,
+                 qc_names: Sequence[str] = ()):
         self.index, self.classes, self.chunk_size, self.parts = index, classes, chunk_size, parts
+        self.qc_names = list(qc_names)
         self.expected = {c: len(index.iloc[c * chunk_size:(c + 1) * chunk_size]) for c in chunks}
         self.pieces: dict[int, list[dict]] = defaultdict(list)
         self.rows_in: dict[int, set[int]] = defaultdict(set)
@@ -124,7 +132,7 @@ class PartWriter:
         pieces = self.pieces.pop(chunk)
         del self.rows_in[chunk]
         results = {key: np.concatenate([piece[key] for piece in pieces]) for key in pieces[0]}
-        storage.write_bytes(part_uri(self.parts, chunk), parquet_bytes(part_table(self.index, self.classes, results)))
+        storage.write_bytes(part_uri(self.parts, chunk), parquet_bytes(part_table(self.index, self.classes, self.qc_names, results)))
         self.written.add(chunk)
         self._report(f"part {chunk} written ({len(self.written)} of {len(self.expected)} this run)")
 
@@ -155,6 +163,7 @@ def job_description(options: PredictOptions, index: InputIndex) -> dict:
         "max_pixels": options.max_pixels,
         "layout": [options.layout, options.pattern, options.channel_map],
         "bit_depth": options.bit_depth,
+        "qc": options.qc,
     }
 
 

@@ -34,6 +34,8 @@ class ModelStage:
         ok = np.array([not reason for reason in batch["error"]], dtype=bool)
         probs = np.full((len(ok), self.predictor.num_classes), np.nan, np.float32)
         out = {"row": batch["row"], "error": batch["error"], "detail": batch["detail"], "probs": probs}
+        if "qc" in batch:
+            out["qc"] = batch["qc"]
         if self.embedding_width:
             out["embedding"] = np.full((len(ok), self.embedding_width), np.nan, np.float32)
         if ok.any():
@@ -81,7 +83,7 @@ def scoring_dataset(work_items: list[dict], options: PredictOptions, preprocessi
         batch_size=1,
         batch_format="numpy",
         fn_kwargs={"preprocessing": preprocessing, "max_pixels": options.max_pixels,
-                   "decode_batch": options.decode_batch},
+                   "decode_batch": options.decode_batch, "measure_qc": options.qc},
         num_cpus=1,
         compute=ray.data.TaskPoolStrategy(size=options.decode_tasks) if options.decode_tasks else None,
     )
