@@ -31,7 +31,8 @@ def run_synth(args: argparse.Namespace) -> None:
         )
     elif args.layout == "plate":
         summary = synthetic.write_plate_dataset(
-            args.out, channels=args.channels, bit_depth=args.bit_depth, **plate_args
+            args.out, channels=args.channels, bit_depth=args.bit_depth, controls=args.controls or bool(args.target),
+            target=args.target, plant_qc=args.plant_qc, **plate_args
         )
     elif args.layout == "imagexpress":
         summary = synthetic_exports.write_imagexpress_export(args.out, **plate_args)
@@ -63,6 +64,13 @@ def add_synth_command(commands) -> None:
     parser.add_argument("--bit-depth", type=int, choices=[8, 16], default=8, help="plate: 8-bit PNG or 16-bit TIFF")
     parser.add_argument("--size", type=int, default=None,
                         help="image side in pixels (default 512 like the real Kaggle data; 1080 for the exports)")
+    parser.add_argument("--controls", action="store_true",
+                        help="plate: negative (columns 1-2) and positive (last two columns) control wells, "
+                        "and plate_map.csv for `predict --plate-map`")
+    parser.add_argument("--target", default=None, metavar="CLASS",
+                        help="plate: the class the positive controls show (implies --controls)")
+    parser.add_argument("--plant-qc", action="store_true",
+                        help="plate: plant a blurred, a saturated and an empty field per plate (ground_truth.csv)")
     parser.add_argument("--seed", type=int, default=0, help="random seed: same seed, same bytes")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
     parser.set_defaults(handler=run_synth)

@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  synthetic images  {out}/data")
     print(f"  shards            {shards}")
     print(f"  training run      {out}/train/{config.run.name} (history.jsonl, curves.png, classes.png)")
-    print(f"  plate scores      {plate['output']} (predictions.csv, wells.csv, heatmaps/)")
+    print(f"  plate scores      {plate['output']} (predictions.csv, wells.csv, plates.csv, heatmaps/)")
+    print(f"  plate report      {plate['outputs']['report_html']}")
     print("  serve it yourself serve run serve_config.yaml")
     print(f"  best checkpoint   {best}")
 
@@ -77,6 +78,10 @@ def score_plate(checkpoint: str, out: str) -> dict:
     agreement = pd.DataFrame(summary["planted_vs_predicted"])
     print("plate check (AUC of per-well probability, planted vs other wells): " + ", ".join(
         f"{row['class']} {row['auc']:.2f}" for row in agreement.to_dict("records")))
+    controls = pd.read_csv(summary["outputs"]["plates_csv"]).dropna(subset=["z_prime"])
+    print("controls: " + ", ".join(f"Z′ {row['class']} {row['z_prime']:.2f} (robust {row['robust_z_prime']:.2f})"
+                                   for row in controls.to_dict("records")) +
+          f"; image QC flagged {summary['qc_flagged'] or 'nothing'}")
     return summary
 
 
@@ -89,18 +94,20 @@ def serve_one_image(checkpoint: str, out: str) -> str:
 def score_demo_plate(checkpoint: str, out: str, wells: int = 96, fields: int = 2, size: int = 128,
                      channels: str = "merged", bit_depth: int = 8, seed: int = 11, workers: int | None = None,
                      **options) -> dict:
-    """Write a synthetic plate with planted per-well labels to ``out/plate``, score
-    it into ``out/scores`` and compare the per-well results with what was planted.
+    """Write a synthetic plate with planted per-well labels, control wells and planted bad
+    fields to ``out/plate``, score it with its plate map into ``out/scores`` and compare
+    the per-well results with what was planted.
 
     Returns the job summary plus ``planted_vs_predicted`` (one record per class:
     wells with/without the class, mean probability in each, AUC) and
     ``plate_dir``; also writes ``out/scores/planted_vs_predicted.csv``.
     ``options`` are PredictOptions fields (batch_size, actors, tta, ...)."""
     plate = write_plate_dataset(storage.join(out, "plate"), plates=1, wells=wells, fields=fields, channels=channels,
-                                bit_depth=bit_depth, size=size, seed=seed, workers=workers, progress=False)
+                                bit_depth=bit_depth, size=size, seed=seed, workers=workers, progress=False,
+                                controls=True, plant_qc=True)
     init_ray(options.pop("address", None))
     summary = score(PredictOptions(checkpoint=checkpoint, inputs=[plate["out"]], output=storage.join(out, "scores"),
-                                   **options))
+                                   plate_map=storage.join(plate["out"], plate["plate_map_csv"]), **options))
     wells_table = pd.read_csv(summary["outputs"]["wells_csv"])
     planted = pd.read_csv(plate["wells_csv"], dtype=str, keep_default_na=False)
     agreement = compare_with_planted(wells_table, planted, read_model_card(summary["checkpoint"]).class_names)
