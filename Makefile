@@ -22,11 +22,11 @@ demo: $(STAMP)
 
 # Everything, as CI runs it: the fast suite, real training runs (slow) and the
 # end-to-end test on a `ray start --head` cluster (cluster).
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest
 
 # The quick loop while developing (~5 minutes on 2 cores).
-test-fast: $(STAMP)
+test-fast: $(STAMP) browser
 	$(BIN)/python -m pytest -m "not slow and not cluster"
 
 test-slow: $(STAMP)
