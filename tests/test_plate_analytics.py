@@ -87,5 +87,6 @@ def test_the_report_names_the_plate_and_every_flagged_field(screen):
     assert "P001" in report and "Z′" in report or "Z&#x27;" in report or "Z'" in report
     for image_id in screen["truth"].query("planted_qc != ''")["image_id"]:
         assert image_id in report
+    assert report.count("data:image/png;base64,") >= 10  # thumbnails of the top wells' fields, read again
     summary = json.loads((screen["out"] / "summary.json").read_text())
     assert summary["qc_flagged"] == screen["summary"]["qc_flagged"]

@@ -142,10 +142,10 @@ def write_job_report(options: PredictOptions, index: InputIndex, card: ModelCard
                      wells: pd.DataFrame, plates: pd.DataFrame) -> str:
     """report.html; thumbnails are decoded again from the inputs, for the few fields it shows."""
     preprocessing = card.preprocessing.with_bits(options.bit_depth)
-    rows = index.rows.set_index("image_id", drop=False)
 
     def load(image_ids: list[str]) -> dict:
-        return load_fields(rows.loc[[i for i in image_ids if i in rows.index]], preprocessing, options.max_pixels)
+        rows = index.rows[index.rows["image_id"].isin(image_ids)]  # keeps the row numbers shards are read by
+        return load_fields(rows, preprocessing, options.max_pixels)
 
     title = f"protein-ray: {', '.join(options.inputs)}"
     return write_report(storage.join(options.output, "report.html"), predictions, wells, plates, card.class_names,
