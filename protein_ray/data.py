@@ -23,7 +23,7 @@ import pandas as pd
 import tifffile
 from PIL import Image
 
-from protein_ray import shards, storage
+from protein_ray import omezarr, shards, storage
 from protein_ray.imaging import ImageDecodeError, stack_stains
 from protein_ray.inputs import InputIndex, available_splits, resolve_input
 from protein_ray.labels import CLASS_NAMES, multi_hot_matrix
@@ -50,7 +50,10 @@ def encode_merged(planes: np.ndarray) -> bytes:
 
 
 def load_encoded_image(sources: list[str]) -> bytes:
-    """The bytes of one image: a merged file untouched, or stains merged losslessly."""
+    """The bytes of one image: a merged file untouched, or stains merged losslessly (an
+    OME-Zarr field's stains too, read at the level its reference's size asks for)."""
+    if omezarr.is_reference(sources[0]):
+        return encode_merged(omezarr.read_field(sources[0]))
     if len(sources) == 1:
         return storage.read_bytes(sources[0])
     missing = missing_stains(sources)
@@ -88,7 +91,7 @@ def load_shard_rows(batch: pd.DataFrame, check_headers: bool = True) -> pd.DataF
         if check_headers:
             check_image_header(data, row_sources[0])
         images.append(data)
-        sources.append(row_sources[0] if len(row_sources) == 1 else " ".join(row_sources))
+        sources.append(omezarr.original(row_sources[0]) if len(row_sources) == 1 else " ".join(row_sources))
     return pd.DataFrame(
         {
             "image_id": batch["image_id"].astype(str),

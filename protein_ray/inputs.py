@@ -7,7 +7,9 @@ Training (``data.path``), ``protein-ray shard`` and ``protein-ray predict`` all 
 - a Kaggle root (``train.csv`` and/or ``submission.csv``): splits ``train``, ``test``;
 - a folder of images, recursively: plate scans in one of ``folders.LAYOUTS`` (merged,
   or one file per stain or channel) or plain images: split ``images``;
-- a single image file: split ``images``.
+- a single image file: split ``images``;
+- an OME-Zarr (OME-NGFF) HCS plate (its group's metadata has ``plate``): one row per
+  field, split ``images`` (``protein_ray.omezarr``; pixels read in the decode stage).
 
 and returns an ``InputIndex``: one row per image, in a stable order, with its
 metadata and where its bytes are. Indexing happens on the driver from listings
@@ -32,7 +34,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from protein_ray import shards, storage
+from protein_ray import omezarr, shards, storage
 from protein_ray.folders import IMAGE_SUFFIXES, attach_labels, image_folder_index
 from protein_ray.labels import NUM_CLASSES, parse_label_string
 from protein_ray.sources import DataSourceError, InputOptions, read_csv
@@ -104,7 +106,8 @@ def resolve_input(uri: str, options: InputOptions = InputOptions()) -> InputInde
     elif not storage.is_dir(uri):
         rows = pd.DataFrame({"image_id": [posixpath.basename(uri)], "sources": [[uri]]})
     else:
-        rows, skipped = image_folder_index(uri, options)
+        plate = omezarr.is_plate(uri)
+        rows, skipped = (omezarr.plate_index(uri, options), []) if plate else image_folder_index(uri, options)
         if options.labels_csv:
             rows = attach_labels(rows, options.labels_csv, options.num_classes)
         return InputIndex(complete_columns(rows), skipped=skipped)

@@ -37,6 +37,9 @@ class InputOptions:
     channel_map: tuple[tuple[int, str], ...] = ()  # file channel number -> stain name; default: by order
     num_classes: int = NUM_CLASSES
     labels_csv: str | None = None  # plate folders for training: plate, well[, field], labels
+    # The model's input size, when the index should carry it: it picks an OME-Zarr field's
+    # resolution level (training sets it; the scoring decode stage passes its own).
+    image_size: int | None = None
 
     def stain_of_channel(self, channel: int) -> str | None:
         mapped = dict(self.channel_map)

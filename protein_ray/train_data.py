@@ -74,12 +74,13 @@ def ensure_embedded_dataset(config: TrainingConfig) -> str:
 
 def input_options(config: TrainingConfig, spec: DatasetSpec) -> InputOptions:
     """How to read ``data.path``: the train split of shards or a Kaggle root, or a
-    plate folder with ``data.labels``, read for the spec's stains."""
+    plate folder or OME-Zarr plate with ``data.labels``, read for the spec's stains."""
     return InputOptions(
         split="images" if config.data.labels else "train", layout=config.data.layout,
         pattern=config.data.pattern or None, stains=spec.stain_names,
         channel_map=parse_channel_map(config.data.channel_map, spec.stain_names),
-        num_classes=len(spec.classes), labels_csv=config.data.labels or None)
+        num_classes=len(spec.classes), labels_csv=config.data.labels or None,
+        image_size=config.data.image_size)  # an OME-Zarr plate is read at the level that fits it
 
 
 def labelled_index(uri: str, options: InputOptions) -> InputIndex:

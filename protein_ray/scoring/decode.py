@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from protein_ray import storage
+from protein_ray import omezarr, storage
+from protein_ray.defaults import MAX_PIXELS
 from protein_ray.imaging import ImageDecodeError, Preprocessing, decode_image, preprocess_batch
 from protein_ray.qc import field_measures, measure_names
 from protein_ray.sources import missing_stains
@@ -49,7 +50,8 @@ def load_fields(rows: pd.DataFrame, preprocessing: Preprocessing, max_pixels: in
     shard_images = read_shard_images(work)
     images = {}
     for item, image_id in zip(work, rows["image_id"]):
-        image, _, _ = decode_encoded(fetch_encoded(item, shard_images), preprocessing, max_pixels)
+        encoded = fetch_encoded(item, shard_images, preprocessing.image_size, max_pixels)
+        image, _, _ = decode_encoded(encoded, preprocessing, max_pixels)
         if image is not None:
             images[image_id] = image
     return images
@@ -83,11 +85,15 @@ def read_shard_rows(uri: str, items: list[dict]) -> dict[int, bytes]:
     return {item["row"]: images[item["at"] - int(starts[groups[0]])].as_py() for item in items}
 
 
-def fetch_encoded(item: dict, shard_images: dict[int, bytes]) -> list[bytes] | Exception:
-    """The encoded file(s) of one image, or the error that stopped reading them."""
+def fetch_encoded(item: dict, shard_images: dict[int, bytes], image_size: int | None = None,
+                  max_pixels: int = MAX_PIXELS) -> list[bytes] | np.ndarray | Exception:
+    """The encoded file(s) of one image, or the error that stopped reading them. An OME-Zarr
+    field comes as its pixels (H, W, C) in stain order, from the level that fits ``image_size``."""
     if "shard" in item:
         data = shard_images[item["row"]]
         return data if isinstance(data, Exception) else [data]
+    if omezarr.is_reference(item["sources"][0]):
+        return omezarr.fetch_field(item["sources"][0], image_size, max_pixels)
     missing = missing_stains(item["sources"])
     if missing:
         present = [uri for uri in item["sources"] if not uri.startswith("<missing")]
@@ -98,13 +104,16 @@ def fetch_encoded(item: dict, shard_images: dict[int, bytes]) -> list[bytes] | E
         return error
 
 
-def decode_encoded(encoded: list[bytes] | Exception, preprocessing: Preprocessing,
+def decode_encoded(encoded: list[bytes] | np.ndarray | Exception, preprocessing: Preprocessing,
                    max_pixels: int) -> tuple[np.ndarray | None, str, str]:
     """(float image, "", "") or (None, reason, detail). One merged file is decoded;
-    per-stain files are merged in the model's stain order."""
+    per-stain files are merged in the model's stain order; an OME-Zarr field's pixels
+    are scaled per stain as decoded files are."""
     try:
         if isinstance(encoded, Exception):
             raise encoded
+        if isinstance(encoded, np.ndarray):
+            return omezarr.scale_planes(encoded, preprocessing.stains), "", ""
         return decode_image(encoded, preprocessing.stains, max_pixels), "", ""
     except ImageDecodeError as error:
         return None, error.reason, error.args[0]
@@ -119,7 +128,8 @@ def decode_rows(work: list[dict], shard_images: dict[int, bytes], preprocessing:
     """Work rows -> one output row each: preprocessed pixels, or zeros and an error;
     with ``measure_qc``, the field's QC measures at full resolution (NaN if it failed)."""
     with ThreadPoolExecutor(min(READ_THREADS, len(work))) as pool:
-        encoded = list(pool.map(lambda item: fetch_encoded(item, shard_images), work))
+        encoded = list(pool.map(
+            lambda item: fetch_encoded(item, shard_images, preprocessing.image_size, max_pixels), work))
     outcomes = [decode_encoded(data, preprocessing, max_pixels) for data in encoded]
     good = [i for i, (image, _, _) in enumerate(outcomes) if image is not None]
     measures = None
