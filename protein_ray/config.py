@@ -86,6 +86,10 @@ class RunConfig:
     cpus_per_worker: int = 2
     max_failures: int = 2
     keep_checkpoints: int = 2
+    # MLflow tracking (pip install 'protein-ray[mlflow]'): a store such as sqlite:///runs/mlflow.db
+    # or an MLflow server's http(s):// address; empty: off. See protein_ray/tracking.py.
+    tracking_uri: str = ""
+    experiment: str = "protein-ray"
 
 
 @dataclass

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from protein_ray import storage
+from protein_ray import storage, tracking
 from protein_ray.checkpoint import (
     BEST_METRIC,
     HISTORY_FILE,
@@ -54,6 +54,7 @@ class TrainJob:
     class_names: tuple[str, ...]
     train_count: int
     run_uri: str
+    tracked: tracking.TrackedRun | None = None  # where rank 0 logs epoch metrics (MLflow), if anywhere
 
 
 # ------------------------------------------------------------ worker side --
@@ -218,6 +219,7 @@ def train_loop_per_worker(job: TrainJob) -> None:
             eta = (time.perf_counter() - started) / epochs_done * (optim.epochs - epoch - 1)
             print(epoch_line(epoch, optim.epochs, metrics, eta), flush=True)
             append_history(job.run_uri, metrics)
+            tracking.log_epoch(job.tracked, metrics, job.class_names)
         report_epoch(epoch, model, optimizer, job, metrics)
 
 
@@ -295,17 +297,19 @@ def run_training(config: TrainingConfig) -> str:
     check_resumable(run_uri, config)
     # Written first: an unwritable run.storage_path fails now, not after the whole decode pass.
     storage.write_text(storage.join(run_uri, "config.yaml"), config.to_yaml())
-    datasets, train_count, _, preprocessing = prepare_datasets(config)
-    job = TrainJob(config, preprocessing, load_spec(config.data.spec).classes, train_count, run_uri)
-    started = time.perf_counter()
-    result = build_trainer(job, datasets).fit()
-    if result.error:
-        raise result.error
-    best = best_checkpoint_in(run_uri)
-    if best is None:
-        raise RuntimeError(f"training finished without a checkpoint; see {run_uri}")
-    card = read_model_card(best)
-    write_training_plots(run_uri, card.class_names)
+    # Opened before any worker starts: a missing mlflow or an unreachable store fails now.
+    with tracking.tracked_run(config, run_uri) as tracked:
+        datasets, train_count, _, preprocessing = prepare_datasets(config)
+        job = TrainJob(config, preprocessing, load_spec(config.data.spec).classes, train_count, run_uri, tracked)
+        started = time.perf_counter()
+        result = build_trainer(job, datasets).fit()
+        if result.error:
+            raise result.error
+        best = best_checkpoint_in(run_uri)
+        if best is None:
+            raise RuntimeError(f"training finished without a checkpoint; see {run_uri}")
+        card = read_model_card(best)
+        tracking.log_results(tracked, run_uri, best, write_training_plots(run_uri, card.class_names))
     print(
         f"training finished in {time.perf_counter() - started:.0f} s; best epoch {card.epoch + 1}: "
         f"macro F1 {card.metrics['macro_f1']:.3f} (at 0.5: {card.metrics['macro_f1@0.5']:.3f}, "
