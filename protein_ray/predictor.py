@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from protein_ray.checkpoint import ModelCard, load_checkpoint
+from protein_ray.checkpoint import ModelCard, load_checkpoint, resolve_checkpoint
 from protein_ray.imaging import ImageDecodeError, Preprocessing, decode_image, preprocess_batch
 from protein_ray.metrics import apply_thresholds
 from protein_ray.model import autocast_context
@@ -53,6 +53,17 @@ class Predictor:
         self.tta = tta
         self.thresholds = np.asarray(self.card.thresholds, dtype=np.float32)
         logger.info("loaded %s (%s, %d px) on %s", checkpoint, self.card.backbone, self.card.image_size, self.device)
+
+    @classmethod
+    def from_checkpoint(cls, uri: str | None = None, **options) -> "Predictor":
+        """A Predictor for a checkpoint folder or a run folder (its best epoch), local or
+        ``s3://``; None: ``$PROTEIN_RAY_CHECKPOINT`` or the demo's run. ``options``: device, tta.
+
+        >>> predictor = Predictor.from_checkpoint("runs/train/smoke", tta=True)
+        >>> result = predictor.predict_bytes([Path("cell.png").read_bytes()])[0]
+        >>> result.probabilities, [predictor.card.class_names[i] for i in result.label_ids]
+        """
+        return cls(resolve_checkpoint(uri), **options)
 
     @property
     def preprocessing(self) -> Preprocessing:
