@@ -112,8 +112,9 @@ def test_training_continues_from_its_latest_checkpoint_when_a_node_dies(cluster,
                        timeout_s=600)
     killed = node.kill()
     killed_at = time.monotonic()
-    cluster.add_node(num_cpus=4)  # the replacement
+    replacement = cluster.add_node(num_cpus=4)
     output = finish(driver, log, timeout_s=600)
+    replacement.kill()  # the next test's node must be the only one beside the head
 
     assert ran_work(killed, "RayTrainWorker"), killed
     epochs = [entry["epoch"] for entry in read_json_lines(history)]
@@ -178,6 +179,8 @@ def test_serve_replaces_a_replica_lost_with_its_node(cluster, smoke_checkpoint, 
                           headers={"Content-Type": "image/png"}, timeout=30).status_code
 
     assert predict() == 200
+    # Serve spreads replicas over nodes; this node must hold one before it dies.
+    wait_until(lambda: ran_work(node.running(), CLASSIFIER), 60, "a classifier replica on the worker node")
     killed = node.kill()
     killed_at = time.monotonic()
     assert ran_work(killed, CLASSIFIER), killed

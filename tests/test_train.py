@@ -1,8 +1,6 @@
 """Training: configuration, checkpoints, and real Ray Train runs (2 CPU workers, gloo)."""
 
 import json
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -126,60 +124,6 @@ def test_rerun_with_same_name_resumes_at_the_next_epoch(smoke_run, tmp_path_fact
     run_training(config)
     epochs = [r["epoch"] for r in history(config)]
     assert epochs == [0, 1, 2, 3], "the rerun should add epoch 4 only, not start over"
-
-
-def train_worker_pids() -> list[int]:
-    """Training worker processes of this session's Ray (the raylet this process
-    started is their parent), never another Ray instance's on the same machine."""
-    import os
-
-    import psutil
-
-    pids = []
-    for process in psutil.Process(os.getpid()).children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(process.cmdline()):
-                pids.append(process.pid)
-        except psutil.NoSuchProcess:
-            pass
-    return pids
-
-
-@pytest.mark.slow
-def test_killed_worker_restarts_from_latest_checkpoint(ray_session, tmp_path_factory):
-    import os
-    import signal
-
-    from protein_ray.train import run_training
-
-    config = smoke_config(tmp_path_factory, "killed", "optim.epochs=3")
-    run_dir = Path(config.run.storage_path) / config.run.name
-    killed = []
-
-    def first_checkpoint_registered() -> bool:
-        # Ray Train's controller records the checkpoints it has registered in this file;
-        # a worker killed before that (while its report is in flight) rightly restarts at epoch 1.
-        snapshot = run_dir / "checkpoint_manager_snapshot.json"
-        return snapshot.exists() and "epoch_000" in snapshot.read_text()
-
-    def kill_after_first_checkpoint():
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not killed:
-            if first_checkpoint_registered() and train_worker_pids():
-                pid = train_worker_pids()[-1]
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-            time.sleep(0.2)
-
-    watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
-    watcher.start()
-    best = run_training(config)
-    watcher.join(timeout=5)
-    assert killed, "no training worker was killed"
-    epochs = [r["epoch"] for r in history(config)]
-    assert epochs[-1] == 2 and epochs[0] == 0
-    assert epochs.count(0) == 1, f"the restart began again at epoch 1: {epochs}"
-    assert read_model_card(best).epoch in epochs
 
 
 def test_an_epoch_run_again_after_a_failure_is_logged_once(tmp_path):
