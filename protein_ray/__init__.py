@@ -62,8 +62,7 @@ def train(config: TrainingConfig | str | os.PathLike | Mapping | None = None,
     from protein_ray.train import run_training
 
     resolved = _training_config(config, overrides)
-    needed = resolved.run.num_workers * resolved.run.cpus_per_worker + 2  # + room for Ray Data decode tasks
-    init_ray(address, num_cpus=max(os.cpu_count() or 1, needed))
+    init_ray(address, num_cpus=resolved.run.local_cpus())
     return run_training(resolved)
 
 

@@ -117,15 +117,13 @@ def add_shard_command(commands) -> None:
 
 
 def run_train(args: argparse.Namespace) -> None:
-    import os
 
     from protein_ray.config import load_config
     from protein_ray.runtime import init_ray
     from protein_ray.train import run_training
 
     config = load_config(args.config, args.set)  # fails here, before Ray starts, on a bad value
-    needed = config.run.num_workers * config.run.cpus_per_worker + 2  # + room for Ray Data decode tasks
-    init_ray(args.address, num_cpus=max(os.cpu_count() or 1, needed))
+    init_ray(args.address, num_cpus=config.run.local_cpus())
     best = run_training(config)
     print(best)  # last line: the best checkpoint's URI, for scripts
 

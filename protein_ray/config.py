@@ -8,6 +8,7 @@ starts, and saved next to the checkpoints it produced.
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -86,6 +87,11 @@ class RunConfig:
     cpus_per_worker: int = 2
     max_failures: int = 2
     keep_checkpoints: int = 2
+
+    def local_cpus(self) -> int:
+        """Logical CPUs for a local Ray instance running this: the workers plus room for
+        Ray Data's decode tasks, and never fewer than the machine's cores."""
+        return max(os.cpu_count() or 1, self.num_workers * self.cpus_per_worker + 2)
     # MLflow tracking (pip install 'protein-ray[mlflow]'): a store such as sqlite:///runs/mlflow.db
     # or an MLflow server's http(s):// address; empty: off. See protein_ray/tracking.py.
     tracking_uri: str = ""

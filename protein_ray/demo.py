@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import socket
 import time
 from pathlib import Path
@@ -51,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     out = storage.absolute(args.out)
     config = load_config(None, [f"data.synthetic_dir={out}/data", f"run.storage_path={out}/train", *args.set])
-    init_ray(num_cpus=max(os.cpu_count() or 1, config.run.num_workers * config.run.cpus_per_worker + 2),
+    init_ray(num_cpus=config.run.local_cpus(),
              verbose=verbose)
 
     shards = ensure_embedded_dataset(config)

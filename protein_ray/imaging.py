@@ -98,6 +98,12 @@ def decode_image(data: bytes | Sequence[bytes], stains: Sequence[Stain] = RGB,
             f"stains ({', '.join(s.name for s in stains)}). Single-stain files must be merged: "
             f"name them <id>_<stain> or pass one file per stain.",
         )
+    return scale_stains(planes, stains)
+
+
+def scale_stains(planes: np.ndarray, stains: Sequence[Stain]) -> np.ndarray:
+    """Integer (H, W, C) stains -> float32 (H, W, C) on 0..1, each as its ``Stain`` says
+    (decoded files and OME-Zarr fields alike)."""
     return np.stack([scale_stain(planes[..., c], stain) for c, stain in enumerate(stains)], axis=-1)
 
 

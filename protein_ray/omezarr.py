@@ -9,7 +9,7 @@ file URIs; its ``source`` is the field group's URI.
 Reading (in the decode stage, or the training/shard loader) opens the field, picks the
 multiscale level closest to, but not below, the model's input size (``choose_level``) and
 returns the stains' integer pixels (H, W, C) in the model's order. The decode stage then scales
-them with the same per-stain function as decoded files (``scale_planes``), so a field gives the
+them with the same per-stain function as decoded files (``imaging.scale_stains``), so a field gives the
 tensor its pixels give written as a TIFF.
 
 Both NGFF 0.4 (zarr v2, ``.zattrs``) and 0.5 (zarr v3, ``zarr.json``, metadata under ``ome``)
@@ -307,11 +307,3 @@ def fetch_field(text: str, image_size: int | None = None, max_pixels: int = MAX_
     except Exception as error:  # zarr, codecs, storage: the field is unreadable
         uri = FieldReference.parse(text).uri
         return storage.StorageError(f"{uri}: cannot read the OME-Zarr field ({type(error).__name__}: {error})")
-
-
-def scale_planes(planes: np.ndarray, stains) -> np.ndarray:
-    """Integer (H, W, C) stains -> float32 on 0..1, each by ``imaging.scale_stain``: the
-    per-stain scaling (and bit-depth check) ``imaging.decode_image`` applies to decoded files."""
-    from protein_ray.imaging import scale_stain
-
-    return np.stack([scale_stain(planes[..., c], stain) for c, stain in enumerate(stains)], axis=-1)

@@ -18,7 +18,7 @@ pytest.importorskip("ome_zarr", reason="the omezarr extra (pip install 'protein-
 
 from protein_ray import omezarr, storage  # noqa: E402
 from protein_ray.defaults import MAX_PIXELS  # noqa: E402
-from protein_ray.imaging import Preprocessing, decode_image  # noqa: E402
+from protein_ray.imaging import Preprocessing, decode_image, scale_stains  # noqa: E402
 from protein_ray.inputs import resolve_input, resolve_inputs  # noqa: E402
 from protein_ray.scoring.decode import decode_rows, fetch_encoded, work_items  # noqa: E402
 from protein_ray.sources import DataSourceError, InputOptions, parse_channel_map  # noqa: E402
@@ -170,7 +170,7 @@ def test_a_field_gives_the_tensor_its_pixels_give_as_a_tiff(rgby_plate, tmp_path
     np.testing.assert_array_equal(block["pixels"][0], block["pixels"][1])
     np.testing.assert_array_equal(block["qc"][0], block["qc"][1])
     decoded = decode_image(tiff.read_bytes(), STAINS_12_BIT)
-    np.testing.assert_array_equal(omezarr.scale_planes(fetch_encoded(work[0], {}, 100), STAINS_12_BIT), decoded)
+    np.testing.assert_array_equal(scale_stains(fetch_encoded(work[0], {}, 100), STAINS_12_BIT), decoded)
     assert decoded.max() > 0.9  # 12-bit data on the 12-bit scale, not divided by 65535
 
 
@@ -224,7 +224,7 @@ def test_training_reads_a_plate_with_a_labels_csv_at_its_input_size(ray_session,
     assert decoded["ok"].all() and decoded["image"].shape == (10, 4, 64, 64)
     first = rows[0]["image_id"]
     planes = fetch_encoded(work_items(index.rows.set_index("image_id").loc[[first]].reset_index())[0], {}, 64)
-    expected = np.moveaxis(omezarr.scale_planes(planes, STAINS_12_BIT), -1, 0)
+    expected = np.moveaxis(scale_stains(planes, STAINS_12_BIT), -1, 0)
     np.testing.assert_array_equal(decoded["image"][0], expected)  # level 2 (64 px): no resize
 
 

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from protein_ray import omezarr, storage
 from protein_ray.defaults import MAX_PIXELS
-from protein_ray.imaging import ImageDecodeError, Preprocessing, decode_image, preprocess_batch
+from protein_ray.imaging import ImageDecodeError, Preprocessing, decode_image, preprocess_batch, scale_stains
 from protein_ray.qc import field_measures, measure_names
 from protein_ray.sources import missing_stains
 
@@ -113,7 +113,7 @@ def decode_encoded(encoded: list[bytes] | np.ndarray | Exception, preprocessing:
         if isinstance(encoded, Exception):
             raise encoded
         if isinstance(encoded, np.ndarray):
-            return omezarr.scale_planes(encoded, preprocessing.stains), "", ""
+            return scale_stains(encoded, preprocessing.stains), "", ""
         return decode_image(encoded, preprocessing.stains, max_pixels), "", ""
     except ImageDecodeError as error:
         return None, error.reason, error.args[0]
