@@ -1,28 +1,33 @@
-"""Bulk scoring throughput, as ratios measured in one run (DESIGN.md section 7).
+"""Bulk scoring: cost versus job size, against this machine's limit, as ratios from one run.
 
 On the same images and model, with the same torch threads for the model:
 
-  (a) the model alone on already decoded, preprocessed tensors: the compute limit
-  (b) a plain PyTorch DataLoader loop over the files: what a user writes without us
-      (workers decode + preprocess with the same functions, the main process runs
-      the model)
-  (c) ``protein_ray.scoring.score``: Ray Data end to end, from listing the folder to
-      predictions.parquet/csv, wells, heatmaps and summary.json
+  limit  what the machine's cores can do at all: cores / (CPU seconds per image of
+         the decode stage + CPU seconds per image of the model), each measured
+         here on its own (the decode stage as the job runs it: read, decode, image
+         QC, resize; the model at the batch size and threads the job uses)
+  (a)    the model alone on already decoded tensors
+  (b)    a plain PyTorch DataLoader loop over the files: what a user writes without
+         us (workers decode + preprocess with the same functions, the main process
+         runs the model)
+  (c)    ``protein_ray.scoring.score``, end to end, from listing the folders to
+         predictions.parquet/csv, wells, plates, heatmaps, report.html and
+         summary.json, on jobs of --sizes images (96, 768 and 3,072 by default)
 
-It runs (a), (b), (c) in rounds and prints the best images/s of each (on a shared
-machine other work changes every rate from minute to minute), c/a and c/b, where
-the time of (c) went (start-up of the model actor and decode workers until the
-first part file; the rate from the first part file to the last; the final
-outputs), and peak memory: the sampled resident memory of the whole process tree
-in each phase (Ray's processes are descendants of this one; Ray starts just before
-the first (c), so (a) and (b) of round 1 are measured without it) and
-``ru_maxrss`` of this process and of its largest child.
+For (c) it prints the time of each job, its peak memory (the sampled resident
+memory of the whole process tree: Ray's processes are descendants of this one),
+where its time went (until the first part file; the rate from the first part file
+to the last; the final outputs), and the line ``time = fixed + images / marginal``
+fitted through the job times: the fixed seconds every job pays and the marginal
+rate at which it grows, each rate also as a fraction of the limit.
 
-    python benchmarks/predict_throughput.py                     # resnet18 @ 256 px, 384 images of 512 px
-    python benchmarks/predict_throughput.py --images 96 --backbone test_resnet --image-size 64 --size 128
+    python benchmarks/predict_throughput.py                     # resnet18 @ 256 px, 512-px PNGs, ~12 min
+    python benchmarks/predict_throughput.py --sizes 96 384 --backbone test_resnet --image-size 64 --size 128
 
-Data and checkpoint are cached under --out; throughput does not depend on the
-weights, so the checkpoint is an untrained one.
+The images are the synthetic plate's 384 fields (cached under --out) repeated
+under new plate names, which costs the same to decode as new pixels would; the
+checkpoint is an untrained one, since throughput does not depend on the weights.
+Ray starts before the first job (not counted): a cluster is up before a job runs.
 """
 
 from __future__ import annotations
@@ -31,8 +36,8 @@ import argparse
 import logging
 import math
 import os
-import resource
 import select
+import shutil
 import subprocess
 import sys
 import time
@@ -40,11 +45,13 @@ from pathlib import Path
 
 import numpy as np
 
+UNIQUE_FIELDS = 384  # generated once; larger jobs repeat them under other plate names
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/bench/predict", help="cache and output folder")
-    parser.add_argument("--images", type=int, default=384, help="images to score (rounded up to whole plates' fields)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[96, 768, 3072], help="images per job (c)")
     parser.add_argument("--size", type=int, default=512, help="side of the synthetic images in pixels")
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--image-size", type=int, default=256, help="model input size")
@@ -52,8 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for the model, all three")
     parser.add_argument("--decode-workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                         help="DataLoader workers in (b) and decode tasks in (c)")
-    parser.add_argument("--chunk-size", type=int, default=64, help="(c): images per part file")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of (a), (b), (c); the best of each counts")
+    parser.add_argument("--chunk-size", type=int, default=256, help="(c): images per part file")
+    parser.add_argument("--reference-images", type=int, default=384, help="images for the limit, (a) and (b)")
     parser.add_argument("--sample-rss-of", type=int, default=None, help=argparse.SUPPRESS)  # PeakMemory's sampler
     return parser.parse_args(argv)
 
@@ -115,7 +122,7 @@ def gib(n_bytes: float) -> str:
 
 
 def prepare(args) -> tuple[list[Path], str]:
-    """Synthetic plate images (cached) and an untrained checkpoint (cached)."""
+    """The synthetic plate's fields and an untrained checkpoint (both cached)."""
     import torch
 
     from protein_ray.checkpoint import ModelCard, save_checkpoint
@@ -124,31 +131,63 @@ def prepare(args) -> tuple[list[Path], str]:
     from protein_ray.synthetic import write_plate_dataset
 
     out = Path(args.out)
-    fields = max(1, math.ceil(args.images / 96))
-    plate = write_plate_dataset(out / "data", wells=96, fields=fields, size=args.size, seed=0, progress=True)
+    plate = write_plate_dataset(out / "data", wells=96, fields=UNIQUE_FIELDS // 96, size=args.size, seed=0,
+                                progress=True)
     checkpoint = out / f"checkpoint-{args.backbone}-{args.image_size}"
     if not (checkpoint / "config.json").exists():
         torch.manual_seed(0)
         save_checkpoint(checkpoint, create_model(args.backbone), ModelCard(backbone=args.backbone, preprocessing=Preprocessing(args.image_size)))
-    files = sorted(Path(plate["out"]).rglob("*.png"))
-    return files, str(checkpoint)
+    return sorted(Path(plate["out"]).rglob("*.png")), str(checkpoint)
 
 
-# ------------------------------------------------------------ the phases ----
+def job_folder(fields: list[Path], images: int, root: Path) -> Path:
+    """A folder of ``images`` plate images: the fields hard-linked under plate names
+    P001, P002, ... (the same bytes, so the same decode cost, as new pixels)."""
+    folder = root / f"job-{images}"
+    if len(list(folder.rglob("*.png"))) == images:
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    for number in range(images):
+        source = fields[number % len(fields)]
+        plate = f"P{number // len(fields) + 1:03d}"
+        target = folder / plate / source.name.replace(source.parent.name, plate, 1)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.link(source, target)
+    return folder
 
 
-def model_alone(files, checkpoint, args) -> float:
-    """(a) images/s of predict_batch on tensors decoded beforehand (not timed)."""
-    from protein_ray.imaging import decode_image
-    from protein_ray.predictor import Predictor
+# ------------------------------------------------------------- the limit ----
 
-    predictor = Predictor(checkpoint, device="cpu")
-    tensors = predictor.preprocess([decode_image(path.read_bytes()) for path in files])
-    predictor.predict_batch(tensors[: args.batch_size])  # warm-up: first call allocates
+
+def decode_cost_s(fields: list[Path], preprocessing) -> float:
+    """CPU seconds per image of the decode stage as the job runs it (read, decode,
+    QC measures, resize to model pixels), on one core."""
+    import torch
+
+    from protein_ray.defaults import MAX_PIXELS
+    from protein_ray.scoring.decode import decode_rows
+
+    torch.set_num_threads(1)  # as in a decode task, which reserves one CPU
+    work = [{"row": i, "sources": [str(path)]} for i, path in enumerate(fields)]
+    decode_rows(work[:16], {}, preprocessing, MAX_PIXELS, measure_qc=True)  # warm-up
+    started = time.process_time()
+    for start in range(0, len(work), 16):
+        decode_rows(work[start:start + 16], {}, preprocessing, MAX_PIXELS, measure_qc=True)
+    return (time.process_time() - started) / len(work)
+
+
+def model_cost(predictor, tensors: np.ndarray, args) -> tuple[float, float]:
+    """(a): images/s of the model alone on decoded tensors, and its CPU seconds per
+    image (wall time x threads: the cores it holds while it runs)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    predictor.predict_batch(tensors[: args.batch_size])  # warm-up: the first call allocates
     started = time.perf_counter()
     for start in range(0, len(tensors), args.batch_size):
         predictor.predict_batch(tensors[start:start + args.batch_size])
-    return len(tensors) / (time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return len(tensors) / seconds, seconds * args.threads / len(tensors)
 
 
 class FileDataset:
@@ -166,50 +205,49 @@ class FileDataset:
         return preprocess_batch([decode_image(self.files[i].read_bytes())], self.preprocessing)[0]
 
 
-def dataloader_loop(files, checkpoint, args) -> float:
+def dataloader_loop(predictor, files, args) -> float:
     """(b) images/s of a DataLoader (workers decode) feeding the model in this process."""
     from torch.utils.data import DataLoader
 
-    from protein_ray.predictor import Predictor
-
-    predictor = Predictor(checkpoint, device="cpu")
-    predictor.predict_batch(np.zeros((1, 3, args.image_size, args.image_size), np.float32))  # same warm-up as (a)
-    dataset = FileDataset(files, predictor.preprocessing)
     started = time.perf_counter()
-    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.decode_workers)
+    loader = DataLoader(FileDataset(files, predictor.preprocessing), batch_size=args.batch_size,
+                        num_workers=args.decode_workers)
     for batch in loader:
         predictor.predict_batch(batch.numpy())
     return len(files) / (time.perf_counter() - started)
 
 
-def our_pipeline(files, checkpoint, args) -> tuple[float, dict]:
-    """(c) images/s of the whole job, and where its time went: start-up until the
-    first part file, the steady rate from the first part file to the last, and the
-    final outputs (predictions, wells, heatmaps, summary) after the last."""
+# ------------------------------------------------------------- the jobs ----
+
+
+def scoring_job(folder: Path, checkpoint: str, args) -> dict:
+    """(c) on one folder: seconds, peak memory and where the time went."""
     from protein_ray.scoring.job import score
     from protein_ray.scoring.options import PredictOptions
 
-    output = Path(args.out) / "scores"
+    output = Path(args.out) / f"scores-{folder.name}"
     started = time.time()
-    summary = score(PredictOptions(
-        checkpoint=checkpoint, inputs=[str(files[0].parents[1])], output=str(output), overwrite=True,
-        batch_size=args.batch_size, threads_per_actor=args.threads, decode_tasks=args.decode_workers,
-        chunk_size=args.chunk_size, max_error_rate=0.0,
-    ))
+    with PeakMemory() as memory:
+        summary = score(PredictOptions(
+            checkpoint=checkpoint, inputs=[str(folder)], output=str(output), overwrite=True,
+            batch_size=args.batch_size, threads_per_actor=args.threads, decode_tasks=args.decode_workers,
+            chunk_size=args.chunk_size, max_error_rate=0.0,
+        ))
     finished = time.time()
     parts = sorted(p.stat().st_mtime for p in (output / "parts").glob("part-*.parquet"))
-    phases = {
+    first_chunk = min(args.chunk_size, summary["images"])
+    return {
+        "images": summary["images"], "seconds": finished - started, "rss": memory.peak,
         "until first part": parts[0] - started,
-        "steady images/s": (summary["images"] - args.chunk_size) / (parts[-1] - parts[0]) if len(parts) > 1 else float("nan"),
-        "outputs after last part": finished - parts[-1],
+        "steady": (summary["images"] - first_chunk) / (parts[-1] - parts[0]) if len(parts) > 1 else math.nan,
+        "outputs": finished - parts[-1],
     }
-    return summary["images"] / (finished - started), phases
 
 
-def ray_is_running() -> bool:
-    import ray
-
-    return ray.is_initialized()
+def fit_line(jobs: list[dict]) -> tuple[float, float]:
+    """time = fixed + images / marginal, least squares through the jobs."""
+    slope, fixed = np.polyfit([job["images"] for job in jobs], [job["seconds"] for job in jobs], 1)
+    return float(fixed), 1.0 / float(slope)
 
 
 def start_ray(args) -> float:
@@ -224,23 +262,26 @@ def start_ray(args) -> float:
     return time.perf_counter() - started
 
 
-def one_round(files, checkpoint, args, number: int) -> dict:
-    """(a), (b), (c) once each, back to back; images/s and peak tree RSS of each."""
-    figures = {}
-    for name, phase in (("a", model_alone), ("b", dataloader_loop), ("c", our_pipeline)):
-        if name == "c" and not ray_is_running():
-            print(f"ray.init: {start_ray(args):.1f} s (not counted)")
-        with PeakMemory() as memory:
-            result = phase(files, checkpoint, args)
-        rate, phases = result if name == "c" else (result, None)
-        figures[name], figures[f"{name}_rss"] = rate, memory.peak
-        if phases:
-            figures.update(phases)
-    print(f"round {number}: (a) {figures['a']:6.2f}  (b) {figures['b']:6.2f}  (c) {figures['c']:6.2f} images/s; "
-          f"(c) took {figures['until first part']:.1f} s to its first part, then ran at "
-          f"{figures['steady images/s']:.2f} images/s, then {figures['outputs after last part']:.1f} s "
-          "for the final outputs", flush=True)
-    return figures
+def print_report(limit: dict, a: float, b: float, jobs: list[dict]) -> None:
+    rate = limit["images_per_s"]
+    print(f"\nlimit: {os.cpu_count()} cores / ({limit['decode_ms']:.1f} ms decode stage + {limit['model_ms']:.1f} ms "
+          f"model) CPU per image = {rate:.2f} images/s")
+    print(f"(a) model alone on decoded tensors : {a:7.2f} images/s")
+    print(f"(b) PyTorch DataLoader loop         : {b:7.2f} images/s   ({b / rate:.2f} of the limit)")
+    print(f"\n(c) {'images':>6} {'seconds':>8} {'images/s':>9} {'/limit':>7} {'first part s':>13} {'steady/s':>9} "
+          f"{'/limit':>7} {'outputs s':>10} {'peak RSS':>10}")
+    for job in jobs:
+        e2e = job["images"] / job["seconds"]
+        print(f"    {job['images']:6d} {job['seconds']:8.1f} {e2e:9.2f} {e2e / rate:7.2f} {job['until first part']:13.1f} "
+              f"{job['steady']:9.2f} {job['steady'] / rate:7.2f} {job['outputs']:10.1f} {gib(job['rss']):>10}")
+    if len(jobs) > 1:
+        fixed, marginal = fit_line(jobs)
+        print(f"\n(c) time = {fixed:.1f} s fixed + images / {marginal:.2f} per s  (marginal {marginal / rate:.2f} of "
+              f"the limit, {marginal / b:.2f} of (b))")
+    largest = max(jobs, key=lambda job: job["images"])
+    print(f"(c) on {largest['images']} images: end to end {largest['images'] / largest['seconds'] / rate:.2f} of the "
+          f"limit, steady {largest['steady'] / rate:.2f} of the limit; c/b end to end "
+          f"{largest['images'] / largest['seconds'] / b:.2f}")
 
 
 def main(argv=None) -> None:
@@ -249,29 +290,30 @@ def main(argv=None) -> None:
         return sample_tree_rss(args.sample_rss_of)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import ray
-    import torch
 
-    torch.set_num_threads(args.threads)
-    files, checkpoint = prepare(args)
-    print(f"predict throughput: {len(files)} images of {args.size} px -> {args.backbone} at {args.image_size} px, "
-          f"batch {args.batch_size}, {args.threads} torch threads for the model, {args.decode_workers} decode "
-          f"worker(s), {os.cpu_count()} cores; {args.rounds} rounds of (a), (b), (c)")
-    # Other work on a shared machine changes every rate from minute to minute; the best
-    # of several rounds is each method's figure least disturbed by it.
-    rounds = [one_round(files, checkpoint, args, n + 1) for n in range(args.rounds)]
-    best = {key: max(r[key] for r in rounds) for key in ("a", "b", "c", "steady images/s", "c_rss")}
-    best |= {key: rounds[0][key] for key in ("a_rss", "b_rss")}  # round 1: before Ray started
-    ray.shutdown()  # lets this process reap Ray's processes, so RUSAGE_CHILDREN covers them
+    from protein_ray.imaging import decode_image
+    from protein_ray.predictor import Predictor
 
-    a, b, c, steady = best["a"], best["b"], best["c"], best["steady images/s"]
-    print(f"(a) model alone on decoded tensors : {a:8.2f} images/s   peak RSS {gib(best['a_rss'])} (process tree)")
-    print(f"(b) PyTorch DataLoader loop         : {b:8.2f} images/s   peak RSS {gib(best['b_rss'])}")
-    print(f"(c) protein-ray predict, end to end : {c:8.2f} images/s   peak RSS {gib(best['c_rss'])}")
-    print(f"    (c) between its first and last part file: {steady:.2f} images/s")
-    print(f"c/a = {c / a:.2f}   c/b = {c / b:.2f}   steady state: c/a = {steady / a:.2f}, c/b = {steady / b:.2f}")
-    self_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    child_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    print(f"ru_maxrss: this process {gib(self_kib * 1024)}, largest child {gib(child_kib * 1024)}")
+    fields, checkpoint = prepare(args)
+    reference = [fields[i % len(fields)] for i in range(args.reference_images)]
+    print(f"predict throughput: {args.size}-px PNGs -> {args.backbone} at {args.image_size} px, batch "
+          f"{args.batch_size}, {args.threads} torch threads for the model, {args.decode_workers} decode worker(s), "
+          f"{os.cpu_count()} cores; jobs of {args.sizes} images", flush=True)
+    predictor = Predictor(checkpoint, device="cpu")
+    decode_s = decode_cost_s(reference, predictor.preprocessing)
+    a, model_s = model_cost(predictor, predictor.preprocess([decode_image(p.read_bytes()) for p in reference]), args)
+    limit = {"decode_ms": 1000 * decode_s, "model_ms": 1000 * model_s,
+             "images_per_s": (os.cpu_count() or 1) / (decode_s + model_s)}
+    b = dataloader_loop(predictor, reference, args)
+    print(f"limit {limit['images_per_s']:.2f} images/s, (a) {a:.2f}, (b) {b:.2f}", flush=True)
+
+    print(f"ray.init: {start_ray(args):.1f} s (not counted)", flush=True)
+    jobs = []
+    for images in args.sizes:
+        jobs.append(scoring_job(job_folder(fields, images, Path(args.out) / "jobs"), checkpoint, args))
+        print(f"(c) {images} images: {jobs[-1]['seconds']:.1f} s", flush=True)
+    ray.shutdown()
+    print_report(limit, a, b, jobs)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,28 @@
-"""Serve under a bounded HTTP load: dynamic batching on vs off, and the autoscaler.
+"""Serve under a bounded HTTP load against a plain in-process loop, batching on vs
+off, and the autoscaler; every ratio from one run on the same images and model.
 
-    python benchmarks/serve_load.py                    # resnet18 at 128 px, ~5 minutes on 2 cores
-    python benchmarks/serve_load.py --image-size 256 --rounds 1 --skip-autoscale
+    python benchmarks/serve_load.py                        # ~6 minutes on 2 cores
+    python benchmarks/serve_load.py --skip-autoscale --rounds 1
 
-Deploys serve_config.yaml's application (an untrained resnet18 checkpoint made
-here, one replica of each deployment) on 127.0.0.1 and drives it from a separate
-process: an async httpx client with a fixed number of requests in flight, a
-bounded request count and a time limit. It prints requests/s and p50/p95/p99
-latency with ``max_batch_size`` 16 and 1 (switched in place through user_config,
-alternating rounds so drift in a shared machine's load hits both alike), their
-ratio, and then replica counts over time while the autoscaler adds a classifier
-replica under load and removes it afterwards.
+Two scenarios, each on its own untrained checkpoint and synthetic PNGs (16 distinct
+fields, sent in turn):
+
+- ``decode+model``: resnet18 at 256 px on 512-px PNGs (~430 KB), where decoding a
+  request costs a fifth of its model time: Serve must keep up with the loop.
+- ``model-bound``: resnet18 at 64 px on 128-px PNGs, where the model is the cost
+  and running 16 images at once is ~3.5x cheaper per image than one at a time:
+  dynamic batching must show it.
+
+For each: (1) the plain loop a user writes without Serve: decode, preprocess and
+run the model in batches of 16 in this process, with torch on every core; (2)
+Serve, from serve_config.yaml's application with ``--replicas`` fixed replicas of
+one CPU each, driven by a separate process (an async httpx client with a fixed
+number of requests in flight, a bounded request count and a time limit), with
+``max_batch_size`` 16 and 1 switched in place through user_config, alternating
+rounds so drift in a shared machine's load hits both alike. It prints requests/s,
+p50/p95/p99 latency, each mode's ratio to the plain loop and the batch sizes the
+replicas ran; then replica counts over time while the autoscaler adds a replica
+under load and removes it afterwards.
 
 The client mode (``--client URL``) is what the subprocess runs; it prints one
 JSON line.
@@ -18,7 +30,6 @@ JSON line.
 
 import argparse
 import asyncio
-import io
 import json
 import os
 import subprocess
@@ -36,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The load generator (runs in its own process)
 
 
-async def drive(url: str, body: bytes, requests: int, duration_s: float, concurrency: int) -> dict:
+async def drive(url: str, bodies: list[bytes], requests: int, duration_s: float, concurrency: int) -> dict:
     import httpx
 
     latencies, statuses = [], []
@@ -44,11 +55,12 @@ async def drive(url: str, body: bytes, requests: int, duration_s: float, concurr
     remaining = iter(range(requests))
 
     async def worker(http: httpx.AsyncClient) -> None:
-        for _ in remaining:  # shared iterator: the count is bounded across workers
+        for number in remaining:  # shared iterator: the count is bounded across workers
             if time.monotonic() > deadline:
                 return
             started = time.perf_counter()
             try:
+                body = bodies[number % len(bodies)]
                 response = await http.post(url, content=body, headers={"Content-Type": "image/png"})
                 statuses.append(response.status_code)
             except httpx.HTTPError as error:
@@ -66,13 +78,13 @@ async def drive(url: str, body: bytes, requests: int, duration_s: float, concurr
 
 
 def client_main(args: argparse.Namespace) -> None:
-    body = Path(args.image).read_bytes()
-    result = asyncio.run(drive(args.client, body, args.requests, args.duration, args.concurrency))
+    bodies = [path.read_bytes() for path in sorted(Path(args.images).glob("*.png"))]
+    result = asyncio.run(drive(args.client, bodies, args.requests, args.duration, args.concurrency))
     print(json.dumps(result))
 
 
-def run_load(url: str, image: Path, requests: int, duration_s: float, concurrency: int) -> subprocess.Popen:
-    command = [sys.executable, __file__, "--client", url, "--image", str(image), "--requests", str(requests),
+def run_load(url: str, images: Path, requests: int, duration_s: float, concurrency: int) -> subprocess.Popen:
+    command = [sys.executable, __file__, "--client", url, "--images", str(images), "--requests", str(requests),
                "--duration", str(duration_s), "--concurrency", str(concurrency)]
     return subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
 
@@ -95,17 +107,39 @@ def make_checkpoint(directory: Path, backbone: str, image_size: int) -> str:
     return str(save_checkpoint(directory / "epoch_001", create_model(backbone), card))
 
 
-def make_image(path: Path) -> Path:
-    """A 512x512 8-bit PNG like the real data (what the endpoint will be sent)."""
+def make_images(directory: Path, size: int, count: int = 16) -> Path:
+    """``count`` synthetic ``size``-px 8-bit PNG fields like the real data (what the endpoint is sent)."""
     from PIL import Image
 
     from protein_ray.synthetic_cells import render_field
 
-    pixels = render_field([4, 6], 512, np.random.default_rng(0))
-    buffer = io.BytesIO()
-    Image.fromarray((np.clip(pixels, 0, 1) * 255).astype(np.uint8)).save(buffer, format="PNG")
-    path.write_bytes(buffer.getvalue())
-    return path
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for number in range(count):
+        pixels = render_field([4, 6] if number % 2 else [7], size, rng)
+        Image.fromarray((np.clip(pixels, 0, 1) * 255).astype(np.uint8)).save(directory / f"field{number:02d}.png")
+    return directory
+
+
+def plain_loop(checkpoint: str, images: Path, batch_size: int, seconds: float) -> float:
+    """Images/s of what a user writes without Serve: read, decode, preprocess and run
+    the model in batches, in this process, torch on every core (after a warm-up)."""
+    import torch
+
+    from protein_ray.imaging import decode_image
+    from protein_ray.predictor import Predictor
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    predictor = Predictor(checkpoint, device="cpu")
+    files = sorted(images.glob("*.png"))
+    batch = files[:batch_size]
+    predictor.predict_batch(predictor.preprocess([decode_image(f.read_bytes()) for f in batch]))  # warm-up
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        batch = [files[(done + i) % len(files)] for i in range(batch_size)]
+        predictor.predict_batch(predictor.preprocess([decode_image(f.read_bytes()) for f in batch]))
+        done += batch_size
+    return done / (time.perf_counter() - started)
 
 
 def app_config(checkpoint: str, classifier: dict) -> dict:
@@ -115,9 +149,8 @@ def app_config(checkpoint: str, classifier: dict) -> dict:
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     [application] = config["applications"]
     application["args"]["checkpoint"] = checkpoint
-    for deployment in application["deployments"]:
-        fixed = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}
-        deployment.update(fixed if deployment["name"] == "ProteinApi" else classifier)
+    [deployment] = application["deployments"]
+    deployment.update(classifier)
     return {"applications": [application]}
 
 
@@ -139,55 +172,100 @@ def deploy(config: dict, timeout_s: float = 600) -> None:
         time.sleep(0.5)
 
 
-def batching(max_batch_size: int, wait_s: float, model_cpus: float, model_gpus: float) -> dict:
-    return {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
+def batching(max_batch_size: int, wait_s: float, replicas: int, model_gpus: float) -> dict:
+    return {"autoscaling_config": {"min_replicas": replicas, "max_replicas": replicas},
             "max_ongoing_requests": 64,
-            # Ray gives an actor as many torch/OpenMP threads as CPUs it asks for.
-            "ray_actor_options": {"num_cpus": model_cpus, "num_gpus": model_gpus},
+            # One CPU each: Ray gives an actor as many torch threads as CPUs it reserves.
+            "ray_actor_options": {"num_cpus": 1, "num_gpus": model_gpus},
             "user_config": {"max_batch_size": max_batch_size, "batch_wait_timeout_s": wait_s}}
 
 
-def warm_up(url: str, image: Path, count: int = 8) -> None:
+def warm_up(url: str, images: Path, count: int = 8) -> None:
     import httpx
 
-    for _ in range(count):
-        httpx.post(url, content=image.read_bytes(), headers={"Content-Type": "image/png"}, timeout=120).raise_for_status()
+    for path in sorted(images.glob("*.png"))[:count]:
+        httpx.post(url, content=path.read_bytes(), headers={"Content-Type": "image/png"}, timeout=120).raise_for_status()
+
+
+def replica_batches(url: str, replicas: int) -> dict[str, dict[int, int]]:
+    """Batches run so far by size, per replica: GET /model answers from one replica
+    at a time, so ask until every replica has answered."""
+    import httpx
+
+    seen: dict[str, dict[int, int]] = {}
+    for _ in range(40 * replicas):
+        model = httpx.get(url.replace("/predict", "/model"), timeout=30).json()
+        seen[model["replica"]] = {int(size): count for size, count in model["batch_sizes"].items()}
+        if len(seen) == replicas:
+            break
+    return seen
+
+
+def batches_between(before: dict, after: dict) -> dict[int, int]:
+    """Batches by size that all replicas ran between two ``replica_batches``."""
+    ran: dict[int, int] = {}
+    for replica, sizes in after.items():
+        for size, count in sizes.items():
+            ran[size] = ran.get(size, 0) + count - before.get(replica, {}).get(size, 0)
+    return {size: count for size, count in sorted(ran.items()) if count}
 
 
 # --------------------------------------------------------------------------
-# Phase 1: batching on vs off
+# Phase 1: the plain loop, and Serve with batching on vs off
+
+
+SCENARIOS = {"decode+model": {"image_size": 256, "png_size": 512}, "model-bound": {"image_size": 64, "png_size": 128}}
 
 
 def summarize(results: list[dict]) -> dict:
     latencies = np.concatenate([r["latencies_s"] for r in results]) * 1000
     ok, elapsed = sum(r["ok"] for r in results), sum(r["elapsed_s"] for r in results)
     p50, p95, p99 = np.percentile(latencies, [50, 95, 99])
+    batches: dict[int, int] = {}
+    for r in results:
+        for size, count in r["batches"].items():
+            batches[size] = batches.get(size, 0) + count
     return {"requests": int(sum(r["sent"] for r in results)), "ok": ok, "rps": ok / elapsed,
-            "p50_ms": p50, "p95_ms": p95, "p99_ms": p99, "errors": sorted({e for r in results for e in r["errors"]})}
+            "p50_ms": p50, "p95_ms": p95, "p99_ms": p99, "batches": dict(sorted(batches.items())),
+            "errors": sorted({e for r in results for e in r["errors"]})}
 
 
-def compare_batching(args, checkpoint: str, url: str, image: Path) -> dict:
-    modes = {"batched (max_batch_size 16)": batching(16, args.batch_wait, args.model_cpus, args.model_gpus),
-             "unbatched (max_batch_size 1)": batching(1, 0.0, args.model_cpus, args.model_gpus)}
+def run_scenario(args, name: str, scratch: Path, url: str) -> dict:
+    settings = SCENARIOS[name]
+    checkpoint = make_checkpoint(scratch / name, args.backbone, settings["image_size"])
+    images = make_images(scratch / name / "images", settings["png_size"])
+    plain = plain_loop(checkpoint, images, 16, args.plain_seconds)
+    print(f"{name}: {args.backbone} at {settings['image_size']} px on {settings['png_size']}-px PNGs "
+          f"({sum(p.stat().st_size for p in images.glob('*.png')) // 16 // 1024} KB); plain loop {plain:.1f} images/s",
+          flush=True)
+    modes = {"batched (max_batch_size 16)": batching(16, args.batch_wait, args.replicas, args.model_gpus),
+             "unbatched (max_batch_size 1)": batching(1, 0.0, args.replicas, args.model_gpus)}
     results: dict[str, list[dict]] = {mode: [] for mode in modes}
     for round_number in range(args.rounds):
         for mode, classifier in modes.items():
             deploy(app_config(checkpoint, classifier))
-            warm_up(url, image)
-            process = run_load(url, image, args.requests, args.duration, args.concurrency)
-            results[mode].append(load_result(process, args.duration + 120))
-            print(f"  round {round_number + 1} {mode}: {results[mode][-1]['ok']} ok in "
-                  f"{results[mode][-1]['elapsed_s']:.1f} s", flush=True)
-    return {mode: summarize(runs) for mode, runs in results.items()}
+            warm_up(url, images)
+            before = replica_batches(url, args.replicas)
+            process = run_load(url, images, args.requests, args.duration, args.concurrency)
+            result = load_result(process, args.duration + 120)
+            result["batches"] = batches_between(before, replica_batches(url, args.replicas))
+            results[mode].append(result)
+            print(f"  round {round_number + 1} {mode}: {result['ok']} ok in {result['elapsed_s']:.1f} s", flush=True)
+    return {"plain": plain, **{mode: summarize(runs) for mode, runs in results.items()}}
 
 
-def print_batching(summary: dict) -> None:
-    print(f"\n{'mode':32} {'requests':>8} {'req/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}")
+def print_scenario(name: str, summary: dict) -> None:
+    plain = summary.pop("plain")
+    print(f"\n{name}: {'mode':30} {'requests':>8} {'req/s':>7} {'/plain':>7} {'p50 ms':>8} {'p95 ms':>8} "
+          f"{'p99 ms':>8}  batch sizes run (size: count)")
+    print(f"{'':{len(name) + 2}}{'plain in-process loop':30} {'':8} {plain:7.1f} {1:7.2f}")
     for mode, s in summary.items():
-        print(f"{mode:32} {s['requests']:8d} {s['rps']:7.1f} {s['p50_ms']:8.0f} {s['p95_ms']:8.0f} {s['p99_ms']:8.0f}"
+        print(f"{'':{len(name) + 2}}{mode:30} {s['requests']:8d} {s['rps']:7.1f} {s['rps'] / plain:7.2f} "
+              f"{s['p50_ms']:8.0f} {s['p95_ms']:8.0f} {s['p99_ms']:8.0f}  {s['batches']}"
               + (f"  errors: {s['errors']}" if s["errors"] else ""))
     on, off = summary.values()
-    print(f"batching on/off: {on['rps'] / off['rps']:.2f}x requests/s, p99 {on['p99_ms'] / off['p99_ms']:.2f}x")
+    print(f"{'':{len(name) + 2}}batched / plain loop: {on['rps'] / plain:.2f}x; batched / unbatched: "
+          f"{on['rps'] / off['rps']:.2f}x requests/s, p99 {on['p99_ms'] / off['p99_ms']:.2f}x")
 
 
 # --------------------------------------------------------------------------
@@ -201,7 +279,7 @@ def classifier_replicas() -> int:
     return int(deployment.replica_states.get("RUNNING", 0))
 
 
-def watch_autoscaling(args, checkpoint: str, url: str, image: Path) -> list[tuple[float, int]]:
+def watch_autoscaling(args, checkpoint: str, url: str, images: Path) -> list[tuple[float, int]]:
     classifier = {
         "max_ongoing_requests": 64,
         "user_config": {"max_batch_size": 16, "batch_wait_timeout_s": args.batch_wait},
@@ -211,9 +289,9 @@ def watch_autoscaling(args, checkpoint: str, url: str, image: Path) -> list[tupl
                                "upscale_delay_s": 2, "downscale_delay_s": 10, "look_back_period_s": 12},
     }
     deploy(app_config(checkpoint, classifier))
-    warm_up(url, image)
+    warm_up(url, images)
     timeline, started = [], time.monotonic()
-    process = run_load(url, image, 100_000, args.autoscale_load_s, args.concurrency)
+    process = run_load(url, images, 100_000, args.autoscale_load_s, args.concurrency)
     load_ended = None
     while time.monotonic() - started < args.autoscale_load_s + 120:
         timeline.append((time.monotonic() - started, classifier_replicas()))
@@ -243,18 +321,19 @@ def print_timeline(timeline: list[tuple[float, int]], load_ended: float | None) 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="resnet18")
-    parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--concurrency", type=int, default=32, help="requests in flight")
-    parser.add_argument("--requests", type=int, default=600, help="per round and mode, at most")
-    parser.add_argument("--duration", type=float, default=30, help="seconds per round and mode, at most")
+    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    parser.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+    parser.add_argument("--requests", type=int, default=2000, help="per round and mode, at most")
+    parser.add_argument("--duration", type=float, default=25, help="seconds per round and mode, at most")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--model-cpus", type=float, default=1, help="CPUs (= torch threads) per model replica")
+    parser.add_argument("--replicas", type=int, default=os.cpu_count(), help="Serve replicas, one CPU each")
+    parser.add_argument("--plain-seconds", type=float, default=20, help="duration of the plain loop")
     parser.add_argument("--model-gpus", type=float, default=0, help="GPUs per model replica (gpu_check.sh: 1)")
     parser.add_argument("--batch-wait", type=float, default=0.01, help="batch_wait_timeout_s when batching")
     parser.add_argument("--autoscale-load-s", type=float, default=45)
     parser.add_argument("--skip-autoscale", action="store_true")
     parser.add_argument("--client", help=argparse.SUPPRESS)
-    parser.add_argument("--image", help=argparse.SUPPRESS)
+    parser.add_argument("--images", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -272,19 +351,20 @@ def main() -> None:
     from protein_ray.demo import free_port
 
     with tempfile.TemporaryDirectory() as scratch:
-        checkpoint = make_checkpoint(Path(scratch), args.backbone, args.image_size)
-        image = make_image(Path(scratch) / "field.png")
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        # Logical CPUs: one per replica (the proxy and controller reserve none).
+        ray.init(num_cpus=max(args.replicas, 2), include_dashboard=False, log_to_driver=False)
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         url = f"http://127.0.0.1:{port}/predict"
-        print(f"{args.backbone} at {args.image_size} px (untrained) on {args.model_cpus:g} CPU(s), "
-              f"512 px PNG of {image.stat().st_size // 1024} KB, {args.concurrency} requests in flight, "
-              f"{os.cpu_count()} cores", flush=True)
+        print(f"{args.replicas} replica(s) of 1 CPU, {args.concurrency} requests in flight, {os.cpu_count()} cores; "
+              f"untrained checkpoints", flush=True)
         try:
-            print_batching(compare_batching(args, checkpoint, url, image))
+            summaries = {name: run_scenario(args, name, Path(scratch), url) for name in args.scenarios}
+            for name, summary in summaries.items():
+                print_scenario(name, summary)
             if not args.skip_autoscale:
-                watch_autoscaling(args, checkpoint, url, image)
+                name = args.scenarios[0]
+                watch_autoscaling(args, str(Path(scratch) / name / "epoch_001"), url, Path(scratch) / name / "images")
         finally:
             serve.shutdown()
             ray.shutdown()

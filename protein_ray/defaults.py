@@ -14,11 +14,11 @@ SERVE_MAX_BODY_BYTES = 64 * 1024 * 1024
 SERVE_MAX_IMAGES = 16  # per multipart request
 SERVE_MAX_BATCH_SIZE = 16  # images per model call (@serve.batch)
 SERVE_BATCH_WAIT_S = 0.01
-INGRESS_MAX_ONGOING_REQUESTS = 64
-# Per ingress replica: images decoded at once (each up to SERVE_MAX_PIXELS x 8 bytes, plus
-# its float copy: ~400 MiB at the limit) and requests allowed to wait for a decode slot.
-SERVE_MAX_DECODES = 2
+SERVE_MAX_ONGOING_REQUESTS = 64
+# Per replica: requests allowed to wait for a decode slot (a replica decodes as many images
+# at once as it reserves CPUs, each up to SERVE_MAX_PIXELS x 8 bytes plus its float copy:
+# ~400 MiB at the limit).
 SERVE_MAX_WAITING = 32
 SERVE_BODY_TIMEOUT_S = 30.0
-INGRESS_MAX_REPLICAS = 4
 CLASSIFIER_MAX_REPLICAS = 2
+GPU_REPLICA_CPUS = 4  # CPUs (= concurrent decodes) of a Serve replica that has a GPU

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from protein_ray.checkpoint import ModelCard, load_checkpoint, resolve_checkpoint
-from protein_ray.imaging import ImageDecodeError, Preprocessing, decode_image, preprocess_batch
+from protein_ray.imaging import ImageDecodeError, Preprocessing, decode_image, normalize_batch, preprocess_batch
 from protein_ray.metrics import apply_thresholds
 from protein_ray.model import autocast_context
 
@@ -82,6 +82,11 @@ class Predictor:
     def preprocess(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """Decoded float images -> normalized (N, C, S, S) with the checkpoint's settings."""
         return preprocess_batch(images, self.preprocessing)
+
+    def normalize(self, pixels: np.ndarray) -> np.ndarray:
+        """Model pixels from ``imaging.prepare_batch`` (what the decode stages send)
+        -> the normalized (N, C, S, S) that ``predict_batch`` takes."""
+        return normalize_batch(pixels, self.preprocessing)
 
     @torch.inference_mode()
     def predict_batch(self, batch: np.ndarray) -> np.ndarray:

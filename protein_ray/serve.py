@@ -1,20 +1,27 @@
 """Ray Serve: an autoscaling, dynamically batched HTTP classifier.
 
 ``serve run serve_config.yaml`` calls ``build_app`` with the config's ``args`` and
-deploys two deployments that scale separately:
+deploys one deployment, ``ProteinClassifier``: each replica is the HTTP ingress
+(FastAPI), decodes and resizes the uploads with its model's settings (the one path
+of ``protein_ray.imaging``, in a thread so the event loop keeps reading other
+requests), gathers the images of many requests into batches with ``@serve.batch``
+and runs the ``Predictor`` on them, on a GPU when its node has one.
 
-- ``ProteinApi`` (HTTP ingress, FastAPI, CPU): reads and validates the request,
-  decodes the images and preprocesses them with the checkpoint's settings (the
-  one path of ``protein_ray.imaging``), then sends each image's small normalized
-  array to the model through a ``DeploymentHandle``.
-- ``ProteinClassifier`` (the model, on a GPU when the cluster has one): gathers
-  images from many requests into batches with ``@serve.batch`` and runs the
-  ``Predictor``.
+Why decoding sits next to the model rather than in a separate deployment: on
+2 cores a separate ingress ran at 0.66x the rate of this design (11.3 vs 17.0
+requests/s, benchmarks/serve_load.py): every request then paid a second Serve hop
+(its decoded pixels through the object store, a second replica's request
+handling), and that CPU came out of the model's share. Replicas scale out with the
+load instead; on a GPU node give each replica the cores that decode for it
+(``ray_actor_options: {num_cpus: 8, num_gpus: 1}``): it decodes ``max_decodes``
+images at once (default: its CPUs) and runs torch on as many threads as it reserves
+CPUs (Ray's rule).
 
-Hot reload: the classifier's ``user_config`` (checkpoint, thresholds, batching)
-is applied by ``reconfigure`` to running replicas. The new model is loaded next to
-the old one and swapped in with one assignment, so requests in flight finish on
-the model they started with and nothing is dropped.
+Hot reload: ``user_config`` (checkpoint, thresholds, batching) is applied by
+``reconfigure`` to running replicas. The new model is loaded next to the old one
+and swapped in with one assignment; an image is scored by the predictor whose
+preprocessing decoded it, so requests in flight finish on the model they started
+with and nothing is dropped or mixed.
 
 Errors: every problem with a request is a 4xx JSON ``{"error": code, "detail":
 message}`` (plus ``"file"`` when one upload is at fault). A multipart request with
@@ -37,11 +44,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve import metrics
-from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from protein_ray import __version__, defaults
-from protein_ray.checkpoint import checkpoint_name, read_model_card, resolve_checkpoint
+from protein_ray.checkpoint import checkpoint_name, resolve_checkpoint
 from protein_ray.imaging import Preprocessing
 from protein_ray.predictor import Predictor, model_summary
 from protein_ray.serve_settings import AppArgs, Limits, LiveSettings
@@ -63,23 +69,20 @@ from protein_ray.uploads import (
 logger = logging.getLogger(__name__)
 
 CLASSIFIER_NAME = "ProteinClassifier"
-INGRESS_NAME = "ProteinApi"
 
 
 # --------------------------------------------------------------------------
-# The model deployment
+# The deployment
 
 
 @dataclass(frozen=True)
 class PreparedImage:
-    """One preprocessed image (C, S, S), tagged with how it was made so a replica
-    that has just swapped to a checkpoint with other settings can refuse it."""
+    """One image's model pixels (C, S, S) and the predictor whose preprocessing made
+    them: a batch scores each image with that predictor, even if a hot reload has
+    swapped in another meanwhile."""
 
-    preprocessing: Preprocessing
+    predictor: Predictor
     pixels: np.ndarray
-
-
-STALE = {"stale": True}  # a result the ingress must redo with fresh preprocessing
 
 
 def image_prediction(predictor: Predictor, probs: np.ndarray, label_ids: list[int]) -> dict:
@@ -92,16 +95,76 @@ def image_prediction(predictor: Predictor, probs: np.ndarray, label_ids: list[in
     }
 
 
+def score_batch(images: list[PreparedImage]) -> list[dict]:
+    """Each image's prediction, one model call per predictor in the batch (one,
+    except across a hot reload)."""
+    results: list[dict] = [{}] * len(images)
+    for predictor in {id(image.predictor): image.predictor for image in images}.values():
+        positions = [i for i, image in enumerate(images) if image.predictor is predictor]
+        pixels = np.stack([images[i].pixels for i in positions])
+        probs = predictor.predict_batch(predictor.normalize(pixels))
+        for i, row, ids in zip(positions, probs, predictor.label_ids(probs)):
+            results[i] = image_prediction(predictor, row, ids)
+    return results
+
+
+def reserved_cpus() -> int:
+    """The CPUs Ray reserved for this replica (at least one): how many images it decodes at once by default."""
+    return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+
+
+# FastAPI's app object is what @serve.ingress wraps; Serve copies it (and what the
+# class refers to) when the class below is defined, so the exception handlers and
+# helpers must be defined before that.
+api = FastAPI(
+    title="protein-ray",
+    version=__version__,
+    description="Protein localisation in microscopy images (10 classes, multi-label).",
+)
+
+
+@api.exception_handler(RequestRejected)
+async def rejected_request(request: Request, error: RequestRejected) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
+
+
+@api.exception_handler(StarletteHTTPException)
+async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    """404/405 and friends in the same ``{"error", "detail"}`` shape."""
+    code = str(error.detail).lower().replace(" ", "_") if error.status_code < 500 else "server_error"
+    return JSONResponse({"error": code, "detail": str(error.detail)}, status_code=error.status_code,
+                        headers=getattr(error, "headers", None))
+
+
+@api.exception_handler(Exception)
+async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
+    logger.exception("unexpected error on %s", request.url.path)
+    return JSONResponse({"error": "internal_error", "detail": f"{type(error).__name__}; see the replica log"},
+                        status_code=500)
+
+
 @serve.deployment(name=CLASSIFIER_NAME)
+@serve.ingress(api)
 class ProteinClassifier:
-    def __init__(self, settings: dict, device: str | None = None, tta: bool = False):
+    def __init__(self, settings: dict, limits: dict, device: str | None = None, tta: bool = False):
         self.defaults = LiveSettings.model_validate(settings)
+        self.limits = Limits.model_validate(limits)
         self.device, self.tta = device, tta
         self.batch_sizes: Counter[int] = Counter()
         self.reload_error: str | None = None  # why the last user_config was refused
         self.predictor: Predictor | None = None
         self.predictor = self.predictor_for(self.defaults)
         self.apply_batching(self.defaults)
+        # Memory: at most max_decodes full-size images are decoded at once; a request
+        # beyond max_waiting others is turned away at once instead of queueing without bound.
+        self.max_decodes = self.limits.max_decodes or reserved_cpus()
+        self.decode_slots = asyncio.Semaphore(self.max_decodes)
+        self.decoding = 0  # requests decoding or waiting for a slot
+        # Exported as ray_protein_ray_rejected_requests_total{error=...} next to Serve's own metrics.
+        self.rejections = metrics.Counter(
+            "protein_ray_rejected_requests", description="requests refused with a 4xx, by reason",
+            tag_keys=("error",),
+        )
 
     async def reconfigure(self, user_config: dict | None) -> None:
         """Hot reload: validate and build the new predictor off the event loop, then
@@ -140,85 +203,11 @@ class ProteinClassifier:
         self.classify.set_max_batch_size(settings.max_batch_size)
         self.classify.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
 
-    def summary(self) -> dict:
-        predictor = self.predictor
-        return {
-            **model_summary(predictor.card, predictor.checkpoint, predictor.thresholds),
-            "preprocessing": predictor.preprocessing,
-            "device": str(predictor.device),
-            "replica": serve.get_replica_context().replica_tag,  # which replica answered
-            **self.batching,
-            # Batches this replica has run, by size: shows whether dynamic batching fills them.
-            "batch_sizes": dict(sorted(self.batch_sizes.items())),
-            "reload_error": self.reload_error,
-        }
-
     @serve.batch(max_batch_size=defaults.SERVE_MAX_BATCH_SIZE, batch_wait_timeout_s=defaults.SERVE_BATCH_WAIT_S)
     async def classify(self, images: list[PreparedImage]) -> list[dict]:
         self.batch_sizes[len(images)] += 1
-        predictor = self.predictor  # one snapshot for the whole batch
-        expected = predictor.preprocessing
-        fresh = [i for i, image in enumerate(images) if image.preprocessing == expected]
-        results: list[dict] = [STALE] * len(images)
-        if fresh:
-            batch = np.stack([images[i].pixels for i in fresh])
-            # In a thread so the event loop keeps queueing the next batch meanwhile.
-            probs = await asyncio.to_thread(predictor.predict_batch, batch)
-            for i, row, ids in zip(fresh, probs, predictor.label_ids(probs)):
-                results[i] = image_prediction(predictor, row, ids)
-        return results
-
-
-# --------------------------------------------------------------------------
-# The HTTP ingress
-
-
-# FastAPI's app object is what @serve.ingress wraps; Serve copies it when the class
-# below is defined, so the exception handlers must be registered before that.
-api = FastAPI(
-    title="protein-ray",
-    version=__version__,
-    description="Protein localisation in microscopy images (10 classes, multi-label).",
-)
-
-
-@api.exception_handler(RequestRejected)
-async def rejected_request(request: Request, error: RequestRejected) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
-
-
-@api.exception_handler(StarletteHTTPException)
-async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-    """404/405 and friends in the same ``{"error", "detail"}`` shape."""
-    code = str(error.detail).lower().replace(" ", "_") if error.status_code < 500 else "server_error"
-    return JSONResponse({"error": code, "detail": str(error.detail)}, status_code=error.status_code,
-                        headers=getattr(error, "headers", None))
-
-
-@api.exception_handler(Exception)
-async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
-    logger.exception("unexpected error on %s", request.url.path)
-    return JSONResponse({"error": "internal_error", "detail": f"{type(error).__name__}; see the replica log"},
-                        status_code=500)
-
-
-@serve.deployment(name=INGRESS_NAME)
-@serve.ingress(api)
-class ProteinApi:
-    def __init__(self, classifier: DeploymentHandle, limits: dict, preprocessing: Preprocessing):
-        self.classifier = classifier
-        self.limits = Limits.model_validate(limits)
-        # Memory: at most max_decodes full-size images are decoded at once; a request
-        # beyond max_waiting others is turned away at once instead of queueing without bound.
-        self.decode_slots = asyncio.Semaphore(self.limits.max_decodes)
-        self.decoding = 0  # requests decoding or waiting for a slot
-        # The checkpoint's, given at build time; refreshed only if a hot reload changes it.
-        self.preprocessing = preprocessing
-        # Exported as ray_protein_ray_rejected_requests_total{error=...} next to Serve's own metrics.
-        self.rejections = metrics.Counter(
-            "protein_ray_rejected_requests", description="requests refused with a 4xx, by reason",
-            tag_keys=("error",),
-        )
+        # In a thread so the event loop keeps reading requests and filling the next batch.
+        return await asyncio.to_thread(score_batch, images)
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
@@ -226,24 +215,36 @@ class ProteinApi:
 
     @api.get("/model")
     async def model(self) -> dict:
-        summary = await self.classifier.summary.remote()
-        summary.pop("preprocessing")  # a Python object; its parts are in the summary already
+        predictor = self.predictor
+        checkpoint = predictor.checkpoint
         if not self.limits.show_checkpoint_uri:  # the run and epoch, not where the weights are stored
-            summary["checkpoint"] = checkpoint_name(summary["checkpoint"])
-        return {**summary, "server_version": __version__,
-                "limits": self.limits.model_dump(exclude={"show_checkpoint_uri"})}
+            checkpoint = checkpoint_name(checkpoint)
+        return {
+            **model_summary(predictor.card, predictor.checkpoint, predictor.thresholds),
+            "checkpoint": checkpoint,
+            "device": str(predictor.device),
+            "replica": serve.get_replica_context().replica_tag,  # which replica answered
+            **self.batching,
+            # Batches this replica has run, by size: shows whether dynamic batching fills them.
+            "batch_sizes": dict(sorted(self.batch_sizes.items())),
+            "reload_error": self.reload_error,
+            "server_version": __version__,
+            "limits": {**self.limits.model_dump(exclude={"show_checkpoint_uri"}), "max_decodes": self.max_decodes},
+        }
 
     @api.post("/predict", response_model=PredictResponse, openapi_extra=PREDICT_REQUEST_DOCS, responses=ERROR_DOCS)
     async def predict(self, request: Request) -> dict:
         try:
-            uploads = await self.read_uploads(request)
-            predictions = await self.classify(uploads)
+            predictor = self.predictor  # decode and score with the same model, across a hot reload
+            uploads = await self.read_uploads(request, predictor.preprocessing)
+            pixels = await self.decode(uploads, predictor.preprocessing)
         except RequestRejected as rejection:
             self.rejections.inc(tags={"error": rejection.error})
             raise
+        predictions = await asyncio.gather(*(self.classify(PreparedImage(predictor, image)) for image in pixels))
         return {"predictions": [{"id": upload.id, **p} for upload, p in zip(uploads, predictions)]}
 
-    async def read_uploads(self, request: Request) -> list[Upload]:
+    async def read_uploads(self, request: Request, preprocessing: Preprocessing) -> list[Upload]:
         limits = self.limits
         is_multipart = media_type(request.headers.get("content-type")) == "multipart/form-data"
         if not is_multipart:
@@ -257,13 +258,13 @@ class ProteinApi:
             raise RequestRejected(400, "empty", "the request body is empty; send an image")
         if is_multipart:
             parts = await parse_multipart(request.headers, body, limits.max_images)
-            return merge_stain_uploads(parts, self.preprocessing.stain_names)
+            return merge_stain_uploads(parts, preprocessing.stain_names)
         return [Upload(id=0, data=body)]
 
     async def decode(self, uploads: list[Upload], preprocessing: Preprocessing) -> np.ndarray:
         """Decode in a thread (the event loop keeps reading other requests), at most
         ``max_decodes`` at once; with ``max_waiting`` more already queued, a 503."""
-        if self.decoding >= self.limits.max_decodes + self.limits.max_waiting:
+        if self.decoding >= self.max_decodes + self.limits.max_waiting:
             raise RequestRejected(503, "busy", f"{self.decoding} requests are decoding or waiting to; retry shortly",
                                   retry_after_s=1)
         self.decoding += 1
@@ -272,21 +273,6 @@ class ProteinApi:
                 return await asyncio.to_thread(prepare_uploads, uploads, preprocessing, self.limits.max_pixels)
         finally:
             self.decoding -= 1
-
-    async def classify(self, uploads: list[Upload]) -> list[dict]:
-        """Decode and preprocess here (CPU), score on the classifier; if a replica
-        swapped to a checkpoint with other preprocessing meanwhile, redo once with
-        its settings."""
-        for _ in range(2):
-            preprocessing = self.preprocessing
-            batch = await self.decode(uploads, preprocessing)
-            results = await asyncio.gather(
-                *(self.classifier.classify.remote(PreparedImage(preprocessing, pixels)) for pixels in batch)
-            )
-            if not any(result.get("stale") for result in results):
-                return results
-            self.preprocessing = (await self.classifier.summary.remote())["preprocessing"]
-        raise RequestRejected(503, "model_reloading", "the model is being reloaded; retry the request")
 
 
 # --------------------------------------------------------------------------
@@ -300,10 +286,13 @@ def cluster_has_gpus() -> bool:
 def classifier_options(args: AppArgs) -> dict:
     """Defaults that serve_config.yaml's ``deployments:`` may override."""
     num_gpus = (1 if cluster_has_gpus() else 0) if args.num_gpus == "auto" else float(args.num_gpus)
+    # A GPU replica needs cores to decode for it (PNG decode, not the model, limits it there).
+    num_cpus = defaults.GPU_REPLICA_CPUS if num_gpus else 1
     return {
-        "ray_actor_options": {"num_cpus": 1, "num_gpus": num_gpus},
-        # Room for a full batch being scored plus the next one filling up.
-        "max_ongoing_requests": 4 * args.max_batch_size,
+        "ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus},
+        # Room for batches to fill (it must exceed max_batch_size) and for requests
+        # past max_decodes + max_waiting to reach the replica and get their 503.
+        "max_ongoing_requests": defaults.SERVE_MAX_ONGOING_REQUESTS,
         "autoscaling_config": {
             "min_replicas": 1, "max_replicas": defaults.CLASSIFIER_MAX_REPLICAS,
             "target_ongoing_requests": args.max_batch_size,
@@ -314,27 +303,16 @@ def classifier_options(args: AppArgs) -> dict:
     }
 
 
-def ingress_options(args: AppArgs) -> dict:
-    return {
-        "ray_actor_options": {"num_cpus": 1},
-        "max_ongoing_requests": defaults.INGRESS_MAX_ONGOING_REQUESTS,
-        "autoscaling_config": {"min_replicas": 1, "max_replicas": defaults.INGRESS_MAX_REPLICAS,
-                               "target_ongoing_requests": defaults.INGRESS_MAX_ONGOING_REQUESTS // 4},
-    }
-
-
-def compose_app(args: AppArgs, classifier_overrides: dict | None = None, ingress_overrides: dict | None = None):
-    """The two deployments bound together; overrides replace whole options
-    (tests and the benchmark use them for replica counts and user_config)."""
+def compose_app(args: AppArgs, overrides: dict | None = None):
+    """The deployment bound to its arguments; ``overrides`` replace whole options
+    (tests and the benchmarks use them for replica counts and user_config)."""
     checkpoint = resolve_checkpoint(args.checkpoint)
     live = LiveSettings(checkpoint=checkpoint, thresholds=args.thresholds,
                         max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s)
-    classifier = ProteinClassifier.options(**{**classifier_options(args), **(classifier_overrides or {})})
-    ingress = ProteinApi.options(**{**ingress_options(args), **(ingress_overrides or {})})
+    classifier = ProteinClassifier.options(**{**classifier_options(args), **(overrides or {})})
     limits = Limits.model_validate(args.model_dump(include=set(Limits.model_fields)))
     logger.info("serving %s", checkpoint)
-    preprocessing = read_model_card(checkpoint).preprocessing
-    return ingress.bind(classifier.bind(live.model_dump(), args.device, args.tta), limits.model_dump(), preprocessing)
+    return classifier.bind(live.model_dump(), limits.model_dump(), args.device, args.tta)
 
 
 def build_app(args: dict):

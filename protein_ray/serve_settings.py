@@ -1,5 +1,5 @@
 """The Serve application's settings: ``args`` of serve_config.yaml, the live
-``user_config`` of the classifier, and the ingress's request limits."""
+``user_config`` of the classifier, and its request limits."""
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -22,10 +22,10 @@ class AppArgs(BaseModel):
     max_images: int = Field(defaults.SERVE_MAX_IMAGES, ge=1, description="images per request")
     max_pixels: int = Field(defaults.SERVE_MAX_PIXELS, ge=1, description="pixels per image, checked before decoding")
     show_checkpoint_uri: bool = Field(False, description="GET /model shows the checkpoint's full URI, not its name")
-    max_decodes: int = Field(defaults.SERVE_MAX_DECODES, ge=1,
-                             description="images decoded at once per ingress replica: bounds its memory")
+    max_decodes: int | None = Field(None, ge=1, description="images decoded at once per replica (bounds its "
+                                    "memory); default: the CPUs the replica reserves")
     max_waiting: int = Field(defaults.SERVE_MAX_WAITING, ge=0,
-                             description="requests waiting to decode per ingress replica; more get 503 + Retry-After")
+                             description="requests waiting to decode per replica; more get 503 + Retry-After")
     body_timeout_s: float = Field(defaults.SERVE_BODY_TIMEOUT_S, gt=0, description="time to send the body -> 408")
 
 
@@ -49,7 +49,7 @@ class Limits(BaseModel):
     max_images: int
     max_pixels: int
     show_checkpoint_uri: bool
-    max_decodes: int
+    max_decodes: int | None
     max_waiting: int
     body_timeout_s: float
 

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 
 from protein_ray import storage
 from protein_ray.config import TrainingConfig
-from protein_ray.imaging import ImageDecodeError, Preprocessing, decode_image, resize_images
+from protein_ray.imaging import ImageDecodeError, Preprocessing, decode_image, from_pixels, prepare_batch
 from protein_ray.inputs import InputIndex, available_splits, resolve_input
 from protein_ray.labels import multi_hot_matrix
 from protein_ray.sources import InputOptions, parse_channel_map
@@ -29,7 +29,7 @@ class TrainingDataError(ValueError):
 
 
 def decode_for_training(batch: dict, preprocessing: Preprocessing, num_classes: int) -> dict:
-    """Ray Data map function: encoded rows -> resized 0..1 images, targets and the
+    """Ray Data map function: encoded rows -> model pixels (resized, uint8 for 8-bit stains), targets and the
     decode outcome. Deterministic, so its output can be cached across epochs.
 
     A corrupt image does not fail the batch: it becomes a zero image with
@@ -44,7 +44,7 @@ def decode_for_training(batch: dict, preprocessing: Preprocessing, num_classes: 
             images.append(np.zeros((size, size, preprocessing.channels), np.float32))
             errors.append(str(error))
     return {
-        "image": resize_images(images, size),
+        "image": prepare_batch(images, preprocessing),
         "target": multi_hot_matrix([list(labels) for labels in batch["labels"]], num_classes),
         "ok": np.asarray([not error for error in errors], dtype=np.float32),
         "image_id": np.asarray(batch["image_id"], dtype=object),
@@ -119,13 +119,15 @@ def check_decodable(decoded: list, total: int, max_bad_fraction: float) -> int:
     return len(bad)
 
 
-def decoded_gib(images: int, image_size: int, channels: int) -> float:
-    return images * channels * image_size**2 * np.dtype(np.float32).itemsize / 2**30
+def decoded_gib(images: int, spec: Preprocessing) -> float:
+    """The object-store size of the decoded images: model pixels, one byte per
+    value for 8-bit stains (a quarter of float32)."""
+    return images * spec.channels * spec.image_size**2 * np.dtype(spec.pixel_dtype).itemsize / 2**30
 
 
 def channel_sums(batch: dict) -> dict:
     """Per-stain pixel sums of the decodable images of a batch (0..1 scale)."""
-    images = np.asarray(batch["image"], dtype=np.float64)[np.asarray(batch["ok"]) > 0]
+    images = from_pixels(batch["image"][np.asarray(batch["ok"]) > 0]).astype(np.float64)
     return {"pixels": np.array([images[:, 0].size]), "sum": images.sum(axis=(0, 2, 3))[None],
             "squares": (images**2).sum(axis=(0, 2, 3))[None]}
 
@@ -160,10 +162,10 @@ def prepare_datasets(config: TrainingConfig) -> tuple[dict, int, int, Preprocess
         index.rows["image_id"].tolist(), list(index.rows["labels"]), config.data.val_fraction, config.data.split_seed
     )
     size, total, channels = config.data.image_size, len(index.rows), len(spec.stains)
-    gib = decoded_gib(total, size, channels)
-    cache = gib <= config.data.cache_decoded_gib
     decode_spec = Preprocessing(size, mean=(0.0,) * channels, std=(1.0,) * channels,
                                 stains=spec.stains).with_bits(config.data.bit_depth or None)
+    gib = decoded_gib(total, decode_spec)
+    cache = gib <= config.data.cache_decoded_gib
 
     def decoded(ids):
         dataset = rows.map_batches(keep_ids, fn_kwargs={"ids": pa.array(ids)}, batch_format="pyarrow").map_batches(

@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from protein_ray.imaging import TIFF_MAGIC, ImageDecodeError, Preprocessing, decode_image, preprocess_batch
+from protein_ray.imaging import TIFF_MAGIC, ImageDecodeError, Preprocessing, decode_image, prepare_batch
 
 logger = logging.getLogger(__name__)
 
@@ -186,9 +186,10 @@ def decode_upload(upload: Upload, preprocessing: Preprocessing, max_pixels: int)
 
 
 def prepare_uploads(uploads: Sequence[Upload], preprocessing: Preprocessing, max_pixels: int) -> np.ndarray:
-    """Uploads -> the model's input (N, C, S, S). One image at a time, so at most
-    one full-size decoded image is held per request, however many were sent."""
-    return np.concatenate([preprocess_batch([decode_upload(u, preprocessing, max_pixels)], preprocessing)
+    """Uploads -> model pixels (N, C, S, S) (``imaging.prepare_batch``). One image at
+    a time, so at most one full-size decoded image is held per request, however many
+    were sent."""
+    return np.concatenate([prepare_batch([decode_upload(u, preprocessing, max_pixels)], preprocessing)
                            for u in uploads])
 
 

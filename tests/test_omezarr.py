@@ -18,7 +18,7 @@ pytest.importorskip("ome_zarr", reason="the omezarr extra (pip install 'protein-
 
 from protein_ray import omezarr, storage  # noqa: E402
 from protein_ray.defaults import MAX_PIXELS  # noqa: E402
-from protein_ray.imaging import Preprocessing, decode_image, scale_stains  # noqa: E402
+from protein_ray.imaging import Preprocessing, decode_image, scale_stains, to_pixels  # noqa: E402
 from protein_ray.inputs import resolve_input, resolve_inputs  # noqa: E402
 from protein_ray.scoring.decode import decode_rows, fetch_encoded, work_items  # noqa: E402
 from protein_ray.sources import DataSourceError, InputOptions, parse_channel_map  # noqa: E402
@@ -225,7 +225,8 @@ def test_training_reads_a_plate_with_a_labels_csv_at_its_input_size(ray_session,
     first = rows[0]["image_id"]
     planes = fetch_encoded(work_items(index.rows.set_index("image_id").loc[[first]].reset_index())[0], {}, 64)
     expected = np.moveaxis(scale_stains(planes, STAINS_12_BIT), -1, 0)
-    np.testing.assert_array_equal(decoded["image"][0], expected)  # level 2 (64 px): no resize
+    assert decoded["image"].dtype == np.uint16  # 12-bit stains keep more than 8 bits between stages
+    np.testing.assert_array_equal(decoded["image"][0], to_pixels(expected, np.uint16))  # level 2 (64 px): no resize
 
 
 # --------------------------------------------------------- protein-ray predict --

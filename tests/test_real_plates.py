@@ -208,7 +208,9 @@ def test_same_stain_files_give_one_tensor_in_training_scoring_serve_and_predicto
     shard_bytes = load_encoded_image(list(sources))  # training reads shards: stains merged into one file
     decoded = decode_for_training({"image": [shard_bytes], "labels": [[1]], "image_id": ["x"]}, spec, 10)
     trained = BatchCollator(spec, augment=False)(decoded)["image"].numpy()
-    for other in (served, scored, trained):
+    # Serve and bulk scoring send model pixels to the model, which normalizes them there.
+    assert served.dtype == scored.dtype == np.uint8
+    for other in (predictor.normalize(served), predictor.normalize(scored), trained):
         np.testing.assert_allclose(other, reference, atol=1e-6)
     assert reference.shape == (1, 4, 48, 48)
     probs = predictor.predict_bytes([files])[0].probabilities

@@ -73,7 +73,7 @@ def deploy(checkpoint: str, name: str, route_prefix: str, **args) -> None:
     from protein_ray.serve_settings import AppArgs
 
     one = {"num_replicas": 1, "autoscaling_config": None, "ray_actor_options": {"num_cpus": 0.5}}
-    serve.run(compose_app(AppArgs(checkpoint=checkpoint, **args), one, one), name=name, route_prefix=route_prefix)
+    serve.run(compose_app(AppArgs(checkpoint=checkpoint, **args), one), name=name, route_prefix=route_prefix)
 
 
 def deploy_config(args: dict, user_config: dict, timeout_s: float = 300) -> None:
@@ -87,8 +87,7 @@ def deploy_config(args: dict, user_config: dict, timeout_s: float = 300) -> None
     one_replica = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}, "ray_actor_options": {"num_cpus": 0.5}}
     config = {"applications": [{
         "name": "default", "route_prefix": "/", "import_path": "protein_ray.serve:build_app", "args": args,
-        "deployments": [{"name": "ProteinApi", **one_replica},
-                        {"name": "ProteinClassifier", **one_replica, "user_config": user_config}],
+        "deployments": [{"name": "ProteinClassifier", **one_replica, "user_config": user_config}],
     }]}
     _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config))
     # Generous: replicas start slowly on a busy 2-core machine.
@@ -340,15 +339,15 @@ def test_serve_config_validates_with_serves_schema_and_builds(checkpoints):
     from ray.serve._private.utils import import_attr
     from ray.serve.schema import ServeDeploySchema
 
-    from protein_ray.serve import CLASSIFIER_NAME, INGRESS_NAME
+    from protein_ray.serve import CLASSIFIER_NAME
 
     config = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "serve_config.yaml").read_text()))
     [application] = config.applications
     args = {**application.args, "checkpoint": checkpoints["main"]}
     app = call_user_app_builder_with_args_if_necessary(import_attr(application.import_path), args)
     assert isinstance(app, Application)
-    assert {d.name for d in application.deployments} == {INGRESS_NAME, CLASSIFIER_NAME}
-    classifier = next(d for d in application.deployments if d.name == "ProteinClassifier")
+    [classifier] = application.deployments
+    assert classifier.name == CLASSIFIER_NAME
     assert classifier.max_ongoing_requests >= classifier.user_config["max_batch_size"]
     assert classifier.autoscaling_config["max_replicas"] >= classifier.autoscaling_config["min_replicas"]
 
@@ -436,9 +435,8 @@ def test_serve_config_yaml_states_the_code_defaults():
     args = AppArgs.model_validate(app["args"])
     assert args == AppArgs(checkpoint=args.checkpoint)  # every arg in the file is the default
     deployments = {d["name"]: d for d in app["deployments"]}
-    ingress, classifier = deployments["ProteinApi"], deployments["ProteinClassifier"]
-    assert ingress["max_ongoing_requests"] == defaults.INGRESS_MAX_ONGOING_REQUESTS
-    assert ingress["autoscaling_config"]["max_replicas"] == defaults.INGRESS_MAX_REPLICAS
+    classifier = deployments["ProteinClassifier"]
+    assert classifier["max_ongoing_requests"] == defaults.SERVE_MAX_ONGOING_REQUESTS
     assert classifier["autoscaling_config"]["max_replicas"] == defaults.CLASSIFIER_MAX_REPLICAS
     assert classifier["user_config"]["max_batch_size"] == defaults.SERVE_MAX_BATCH_SIZE
     assert classifier["user_config"]["batch_wait_timeout_s"] == defaults.SERVE_BATCH_WAIT_S
@@ -477,7 +475,7 @@ def test_four_stain_model_takes_one_part_per_stain(client, serve_port, tmp_path)
 
 
 def test_a_full_ingress_answers_503_with_retry_after_and_a_slow_body_408(client, serve_port, checkpoints):
-    """Decoding is bounded per ingress replica (max_decodes at once, max_waiting queued):
+    """Decoding is bounded per replica (max_decodes at once, max_waiting queued):
     a burst past that is turned away at once, not queued in memory without bound."""
     import socket
     from concurrent.futures import ThreadPoolExecutor

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from protein_ray import omezarr, storage
 from protein_ray.defaults import MAX_PIXELS
-from protein_ray.imaging import ImageDecodeError, Preprocessing, decode_image, preprocess_batch, scale_stains
+from protein_ray.imaging import ImageDecodeError, Preprocessing, decode_image, prepare_batch, scale_stains
 from protein_ray.qc import field_measures, measure_names
 from protein_ray.sources import missing_stains
 
@@ -125,7 +125,7 @@ def decode_encoded(encoded: list[bytes] | np.ndarray | Exception, preprocessing:
 
 def decode_rows(work: list[dict], shard_images: dict[int, bytes], preprocessing: Preprocessing,
                 max_pixels: int, measure_qc: bool) -> dict:
-    """Work rows -> one output row each: preprocessed pixels, or zeros and an error;
+    """Work rows -> one output row each: model pixels (``imaging.prepare_batch``), or zeros and an error;
     with ``measure_qc``, the field's QC measures at full resolution (NaN if it failed)."""
     with ThreadPoolExecutor(min(READ_THREADS, len(work))) as pool:
         encoded = list(pool.map(
@@ -136,10 +136,10 @@ def decode_rows(work: list[dict], shard_images: dict[int, bytes], preprocessing:
     if measure_qc:
         width = len(measure_names(preprocessing.stain_names))
         measures = qc_measures([outcomes[i][0] for i in good], good, len(work), width)
-    pixels = preprocess_batch([outcomes[i][0] for i in good], preprocessing)
+    pixels = prepare_batch([outcomes[i][0] for i in good], preprocessing)
     if len(good) < len(work):
         size = preprocessing.image_size
-        padded = np.zeros((len(work), preprocessing.channels, size, size), np.float32)
+        padded = np.zeros((len(work), preprocessing.channels, size, size), preprocessing.pixel_dtype)
         padded[good] = pixels
         pixels = padded
     block = {

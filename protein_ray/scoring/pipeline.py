@@ -39,10 +39,10 @@ class ModelStage:
         if self.embedding_width:
             out["embedding"] = np.full((len(ok), self.embedding_width), np.nan, np.float32)
         if ok.any():
-            pixels = batch["pixels"][ok]  # a copy: the batch itself is a read-only view
-            probs[ok] = self.predictor.predict_batch(pixels)
+            inputs = self.predictor.normalize(batch["pixels"][ok])
+            probs[ok] = self.predictor.predict_batch(inputs)
             if self.embedding_width:
-                out["embedding"][ok] = self.predictor.embed_batch(pixels)
+                out["embedding"][ok] = self.predictor.embed_batch(inputs)
         return out
 
 
