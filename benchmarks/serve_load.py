@@ -7,11 +7,12 @@ off, and the autoscaler; every ratio from one run on the same images and model.
 Two scenarios, each on its own untrained checkpoint and synthetic PNGs (16 distinct
 fields, sent in turn):
 
-- ``decode+model``: resnet18 at 256 px on 512-px PNGs (~430 KB), where decoding a
-  request costs a fifth of its model time: Serve must keep up with the loop.
-- ``model-bound``: resnet18 at 64 px on 128-px PNGs, where the model is the cost
-  and running 16 images at once is ~3.5x cheaper per image than one at a time:
-  dynamic batching must show it.
+- ``decode+model``: resnet18 at 256 px on 512-px PNGs (~400 KB), 8 requests in
+  flight, 10 ms batch wait, where decoding a request costs a fifth of its model
+  time: Serve must keep up with the loop.
+- ``model-bound``: resnet34 at 96 px on 128-px PNGs, 32 requests in flight, 50 ms
+  batch wait, where the model is the cost and running 16 images at once is ~3.5x cheaper per image
+  than one at a time: dynamic batching must show it.
 
 For each: (1) the plain loop a user writes without Serve: decode, preprocess and
 run the model in batches of 16 in this process, with torch on every core; (2)
@@ -214,7 +215,13 @@ def batches_between(before: dict, after: dict) -> dict[int, int]:
 # Phase 1: the plain loop, and Serve with batching on vs off
 
 
-SCENARIOS = {"decode+model": {"image_size": 256, "png_size": 512}, "model-bound": {"image_size": 64, "png_size": 128}}
+SCENARIOS = {
+    "decode+model": {"backbone": "resnet18", "image_size": 256, "png_size": 512, "concurrency": 8, "batch_wait": 0.01},
+    # A model whose batch of 16 costs a quarter per image of one image alone (resnet34 at 96 px on
+    # one thread: 59 vs 17 ms), enough requests in flight to fill batches on both replicas, and a
+    # batch wait long enough for requests to arrive while the CPU is busy (10 ms gave batches of 1-2).
+    "model-bound": {"backbone": "resnet34", "image_size": 96, "png_size": 128, "concurrency": 32, "batch_wait": 0.05},
+}
 
 
 def summarize(results: list[dict]) -> dict:
@@ -232,13 +239,16 @@ def summarize(results: list[dict]) -> dict:
 
 def run_scenario(args, name: str, scratch: Path, url: str) -> dict:
     settings = SCENARIOS[name]
-    checkpoint = make_checkpoint(scratch / name, args.backbone, settings["image_size"])
+    checkpoint = make_checkpoint(scratch / name, settings["backbone"], settings["image_size"])
     images = make_images(scratch / name / "images", settings["png_size"])
     plain = plain_loop(checkpoint, images, 16, args.plain_seconds)
-    print(f"{name}: {args.backbone} at {settings['image_size']} px on {settings['png_size']}-px PNGs "
-          f"({sum(p.stat().st_size for p in images.glob('*.png')) // 16 // 1024} KB); plain loop {plain:.1f} images/s",
+    concurrency = args.concurrency or settings["concurrency"]
+    print(f"{name}: {settings['backbone']} at {settings['image_size']} px on {settings['png_size']}-px PNGs "
+          f"({sum(p.stat().st_size for p in images.glob('*.png')) // 16 // 1024} KB), {concurrency} requests in flight; "
+          f"plain loop {plain:.1f} images/s",
           flush=True)
-    modes = {"batched (max_batch_size 16)": batching(16, args.batch_wait, args.replicas, args.model_gpus),
+    wait = args.batch_wait if args.batch_wait is not None else settings["batch_wait"]
+    modes = {f"batched (16, wait {1000 * wait:.0f} ms)": batching(16, wait, args.replicas, args.model_gpus),
              "unbatched (max_batch_size 1)": batching(1, 0.0, args.replicas, args.model_gpus)}
     results: dict[str, list[dict]] = {mode: [] for mode in modes}
     for round_number in range(args.rounds):
@@ -246,7 +256,7 @@ def run_scenario(args, name: str, scratch: Path, url: str) -> dict:
             deploy(app_config(checkpoint, classifier))
             warm_up(url, images)
             before = replica_batches(url, args.replicas)
-            process = run_load(url, images, args.requests, args.duration, args.concurrency)
+            process = run_load(url, images, args.requests, args.duration, concurrency)
             result = load_result(process, args.duration + 120)
             result["batches"] = batches_between(before, replica_batches(url, args.replicas))
             results[mode].append(result)
@@ -282,7 +292,7 @@ def classifier_replicas() -> int:
 def watch_autoscaling(args, checkpoint: str, url: str, images: Path) -> list[tuple[float, int]]:
     classifier = {
         "max_ongoing_requests": 64,
-        "user_config": {"max_batch_size": 16, "batch_wait_timeout_s": args.batch_wait},
+        "user_config": {"max_batch_size": 16, "batch_wait_timeout_s": args.batch_wait or 0.01},
         # Short delays so the benchmark sees both decisions in a minute or two (the look-back
         # window must exceed Serve's 10 s metrics interval).
         "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8,
@@ -291,7 +301,7 @@ def watch_autoscaling(args, checkpoint: str, url: str, images: Path) -> list[tup
     deploy(app_config(checkpoint, classifier))
     warm_up(url, images)
     timeline, started = [], time.monotonic()
-    process = run_load(url, images, 100_000, args.autoscale_load_s, args.concurrency)
+    process = run_load(url, images, 100_000, args.autoscale_load_s, args.concurrency or 32)
     load_ended = None
     while time.monotonic() - started < args.autoscale_load_s + 120:
         timeline.append((time.monotonic() - started, classifier_replicas()))
@@ -320,16 +330,16 @@ def print_timeline(timeline: list[tuple[float, int]], load_ended: float | None) 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
-    parser.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+    parser.add_argument("--concurrency", type=int, default=None, help="requests in flight (default: the scenario's)")
     parser.add_argument("--requests", type=int, default=2000, help="per round and mode, at most")
     parser.add_argument("--duration", type=float, default=25, help="seconds per round and mode, at most")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--replicas", type=int, default=os.cpu_count(), help="Serve replicas, one CPU each")
     parser.add_argument("--plain-seconds", type=float, default=20, help="duration of the plain loop")
     parser.add_argument("--model-gpus", type=float, default=0, help="GPUs per model replica (gpu_check.sh: 1)")
-    parser.add_argument("--batch-wait", type=float, default=0.01, help="batch_wait_timeout_s when batching")
+    parser.add_argument("--batch-wait", type=float, default=None,
+                        help="batch_wait_timeout_s when batching (default: the scenario's)")
     parser.add_argument("--autoscale-load-s", type=float, default=45)
     parser.add_argument("--skip-autoscale", action="store_true")
     parser.add_argument("--client", help=argparse.SUPPRESS)
@@ -356,8 +366,7 @@ def main() -> None:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         url = f"http://127.0.0.1:{port}/predict"
-        print(f"{args.replicas} replica(s) of 1 CPU, {args.concurrency} requests in flight, {os.cpu_count()} cores; "
-              f"untrained checkpoints", flush=True)
+        print(f"{args.replicas} replica(s) of 1 CPU, {os.cpu_count()} cores; untrained checkpoints", flush=True)
         try:
             summaries = {name: run_scenario(args, name, Path(scratch), url) for name in args.scenarios}
             for name, summary in summaries.items():

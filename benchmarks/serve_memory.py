@@ -2,10 +2,10 @@
 
     python benchmarks/serve_memory.py [--requests 32] [--side 4096]
 
-Deploys the app (an untrained test_resnet checkpoint made here, one ingress and
-one classifier replica, default limits) on 127.0.0.1, then sends ``--requests``
+Deploys the app (an untrained test_resnet checkpoint made here, one replica,
+default limits but ``--max-decodes``) on 127.0.0.1, then sends ``--requests``
 concurrent POSTs of a ``side`` x ``side`` 16-bit RGBA TIFF (LZW-compressed zeros:
-a small body that decodes to ``side``^2 x 8 bytes). It samples the ingress
+a small body that decodes to ``side``^2 x 8 bytes). It samples the
 replica's resident memory every 50 ms and prints: the answers by status (each
 must be 200 or 503), the replica's peak RSS growth over its idle RSS, and the
 bound the settings give (max_decodes images in flight, each up to its decoded
@@ -30,11 +30,11 @@ import psutil
 import tifffile
 
 
-def ingress_process() -> psutil.Process:
+def replica_process() -> psutil.Process:
     for process in psutil.process_iter(["cmdline"]):
-        if any("ProteinApi" in part for part in process.info["cmdline"] or []):
+        if any("ProteinClassifier" in part for part in process.info["cmdline"] or []):
             return process
-    raise RuntimeError("no ProteinApi replica process found")
+    raise RuntimeError("no ProteinClassifier replica process found")
 
 
 def sample_rss(process: psutil.Process, stop: threading.Event, peaks: list[int]) -> None:
@@ -50,13 +50,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--side", type=int, default=4096)
+    parser.add_argument("--max-decodes", type=int, default=2, help="images decoded at once by the replica")
     args = parser.parse_args()
 
     import ray
     import torch
     from ray import serve
 
-    from protein_ray import defaults
     from protein_ray.checkpoint import ModelCard, save_checkpoint
     from protein_ray.demo import free_port
     from protein_ray.imaging import Preprocessing
@@ -76,12 +76,12 @@ def main() -> None:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         one = {"num_replicas": 1, "autoscaling_config": None}
-        serve.run(compose_app(AppArgs(checkpoint=checkpoint), one, one), route_prefix="/")
+        serve.run(compose_app(AppArgs(checkpoint=checkpoint, max_decodes=args.max_decodes), one), route_prefix="/")
         try:
-            ingress = ingress_process()
-            idle = ingress.memory_info().rss
+            replica = replica_process()
+            idle = replica.memory_info().rss
             peaks, stop = [], threading.Event()
-            sampler = threading.Thread(target=sample_rss, args=(ingress, stop, peaks))
+            sampler = threading.Thread(target=sample_rss, args=(replica, stop, peaks))
             sampler.start()
             url = f"http://127.0.0.1:{port}/predict"
 
@@ -98,7 +98,7 @@ def main() -> None:
             seconds = time.perf_counter() - started
             stop.set()
             sampler.join()
-            restarted = ingress_process().pid != ingress.pid
+            restarted = replica_process().pid != replica.pid
         finally:
             serve.shutdown()
             ray.shutdown()
@@ -108,10 +108,10 @@ def main() -> None:
     per_image = pixels * (8 + 3 * 3 * 4)
     print(f"{args.requests} concurrent {args.side}^2 16-bit RGBA TIFFs ({len(body) / 1e3:.0f} KB each) "
           f"in {seconds:.1f} s: {dict(statuses)}")
-    print(f"ingress RSS: idle {idle / 2**30:.2f} GiB, peak {max(peaks) / 2**30:.2f} GiB, growth "
+    print(f"replica RSS: idle {idle / 2**30:.2f} GiB, peak {max(peaks) / 2**30:.2f} GiB, growth "
           f"{(max(peaks) - idle) / 2**30:.2f} GiB; bound from the settings: max_decodes "
-          f"{defaults.SERVE_MAX_DECODES} x {per_image / 2**30:.2f} GiB = "
-          f"{defaults.SERVE_MAX_DECODES * per_image / 2**30:.2f} GiB (+ bodies of queued requests)")
+          f"{args.max_decodes} x {per_image / 2**30:.2f} GiB = "
+          f"{args.max_decodes * per_image / 2**30:.2f} GiB (+ bodies of queued requests)")
     print(f"replica restarted: {restarted}; answers other than 200/503: "
           f"{sum(n for status, n in statuses.items() if status not in (200, 503))}")
 
