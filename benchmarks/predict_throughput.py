@@ -5,7 +5,8 @@ On the same images and model, with the same torch threads for the model:
   limit  what the machine's cores can do at all: cores / (CPU seconds per image of
          the decode stage + CPU seconds per image of the model), each measured
          here on its own (the decode stage as the job runs it: read, decode, image
-         QC, resize; the model at the batch size and threads the job uses)
+         QC, resize; the model at the batch size, on 1 thread and on --threads
+         threads, whichever costs less CPU per image)
   (a)    the model alone on already decoded tensors
   (b)    a plain PyTorch DataLoader loop over the files: what a user writes without
          us (workers decode + preprocess with the same functions, the main process
@@ -56,10 +57,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--image-size", type=int, default=256, help="model input size")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for the model, all three")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for the model in (a), (b)")
+    parser.add_argument("--actors", type=int, default=os.cpu_count(), help="(c): model actors")
+    parser.add_argument("--actor-threads", type=int, default=1, help="(c): torch threads per model actor")
     parser.add_argument("--decode-workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                         help="DataLoader workers in (b) and decode tasks in (c)")
-    parser.add_argument("--chunk-size", type=int, default=256, help="(c): images per part file")
+    parser.add_argument("--chunk-size", type=int, default=64, help="(c): images per part file")
     parser.add_argument("--reference-images", type=int, default=384, help="images for the limit, (a) and (b)")
     parser.add_argument("--sample-rss-of", type=int, default=None, help=argparse.SUPPRESS)  # PeakMemory's sampler
     return parser.parse_args(argv)
@@ -176,18 +179,18 @@ def decode_cost_s(fields: list[Path], preprocessing) -> float:
     return (time.process_time() - started) / len(work)
 
 
-def model_cost(predictor, tensors: np.ndarray, args) -> tuple[float, float]:
-    """(a): images/s of the model alone on decoded tensors, and its CPU seconds per
-    image (wall time x threads: the cores it holds while it runs)."""
+def model_cost(predictor, tensors: np.ndarray, batch_size: int, threads: int) -> tuple[float, float]:
+    """Images/s of the model alone on decoded tensors, and its CPU seconds per image
+    (wall time x threads: the cores it holds while it runs)."""
     import torch
 
-    torch.set_num_threads(args.threads)
-    predictor.predict_batch(tensors[: args.batch_size])  # warm-up: the first call allocates
+    torch.set_num_threads(threads)
+    predictor.predict_batch(tensors[:batch_size])  # warm-up: the first call allocates
     started = time.perf_counter()
-    for start in range(0, len(tensors), args.batch_size):
-        predictor.predict_batch(tensors[start:start + args.batch_size])
+    for start in range(0, len(tensors), batch_size):
+        predictor.predict_batch(tensors[start:start + batch_size])
     seconds = time.perf_counter() - started
-    return len(tensors) / seconds, seconds * args.threads / len(tensors)
+    return len(tensors) / seconds, seconds * threads / len(tensors)
 
 
 class FileDataset:
@@ -230,7 +233,8 @@ def scoring_job(folder: Path, checkpoint: str, args) -> dict:
     with PeakMemory() as memory:
         summary = score(PredictOptions(
             checkpoint=checkpoint, inputs=[str(folder)], output=str(output), overwrite=True,
-            batch_size=args.batch_size, threads_per_actor=args.threads, decode_tasks=args.decode_workers,
+            batch_size=args.batch_size, actors=args.actors, threads_per_actor=args.actor_threads,
+            decode_tasks=args.decode_workers,
             chunk_size=args.chunk_size, max_error_rate=0.0,
         ))
     finished = time.time()
@@ -257,15 +261,15 @@ def start_ray(args) -> float:
     # Ray runs its workers at nice 15; on a machine shared with other work they would
     # get less CPU than (a) and (b), which run at nice 0. (No effect on an idle machine.)
     os.environ.setdefault("RAY_worker_niceness", "0")
-    # Logical CPUs: one for the model actor, the rest for the decode tasks.
-    ray.init(num_cpus=args.decode_workers + 1, include_dashboard=False, log_to_driver=False)
+    # Logical CPUs: one per model actor and per decode task.
+    ray.init(num_cpus=args.actors + args.decode_workers, include_dashboard=False, log_to_driver=False)
     return time.perf_counter() - started
 
 
 def print_report(limit: dict, a: float, b: float, jobs: list[dict]) -> None:
     rate = limit["images_per_s"]
     print(f"\nlimit: {os.cpu_count()} cores / ({limit['decode_ms']:.1f} ms decode stage + {limit['model_ms']:.1f} ms "
-          f"model) CPU per image = {rate:.2f} images/s")
+          f"model on {limit['model_threads']} thread(s)) CPU per image = {rate:.2f} images/s")
     print(f"(a) model alone on decoded tensors : {a:7.2f} images/s")
     print(f"(b) PyTorch DataLoader loop         : {b:7.2f} images/s   ({b / rate:.2f} of the limit)")
     print(f"\n(c) {'images':>6} {'seconds':>8} {'images/s':>9} {'/limit':>7} {'first part s':>13} {'steady/s':>9} "
@@ -297,13 +301,19 @@ def main(argv=None) -> None:
     fields, checkpoint = prepare(args)
     reference = [fields[i % len(fields)] for i in range(args.reference_images)]
     print(f"predict throughput: {args.size}-px PNGs -> {args.backbone} at {args.image_size} px, batch "
-          f"{args.batch_size}, {args.threads} torch threads for the model, {args.decode_workers} decode worker(s), "
-          f"{os.cpu_count()} cores; jobs of {args.sizes} images", flush=True)
+          f"{args.batch_size}; (a), (b): {args.threads} torch threads; (c): {args.actors} model actor(s) of "
+          f"{args.actor_threads} thread(s), {args.decode_workers} decode task(s); {os.cpu_count()} cores; jobs of "
+          f"{args.sizes} images", flush=True)
     predictor = Predictor(checkpoint, device="cpu")
     decode_s = decode_cost_s(reference, predictor.preprocessing)
-    a, model_s = model_cost(predictor, predictor.preprocess([decode_image(p.read_bytes()) for p in reference]), args)
-    limit = {"decode_ms": 1000 * decode_s, "model_ms": 1000 * model_s,
+    tensors = predictor.preprocess([decode_image(p.read_bytes()) for p in reference])
+    costs = {threads: model_cost(predictor, tensors, args.batch_size, threads) for threads in sorted({1, args.threads})}
+    a = costs[args.threads][0]
+    model_threads = min(costs, key=lambda threads: costs[threads][1])
+    model_s = costs[model_threads][1]
+    limit = {"decode_ms": 1000 * decode_s, "model_ms": 1000 * model_s, "model_threads": model_threads,
              "images_per_s": (os.cpu_count() or 1) / (decode_s + model_s)}
+    predictor.predict_batch(tensors[:1])  # (b) runs on --threads, the last set
     b = dataloader_loop(predictor, reference, args)
     print(f"limit {limit['images_per_s']:.2f} images/s, (a) {a:.2f}, (b) {b:.2f}", flush=True)
 
