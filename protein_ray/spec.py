@@ -49,7 +49,10 @@ class Stain:
     by 2**bits - 1 (12-bit camera data in 16-bit files: ``bits=12``); None means
     the file's own depth (65535). 8-bit pixels always mean 0..255.
     ``scaling="percentile"`` instead stretches each image's 0.1th..99.9th
-    percentile to 0..1 (for data whose exposure varies without a fixed range)."""
+    percentile to 0..1 (for data whose exposure varies without a fixed range).
+    Resized images travel between stages as uint8 when every stain is ``bits``
+    scaling with ``bits`` None or 8, else as uint16 (``Preprocessing.pixel_dtype``):
+    set ``bits`` for high-bit camera data to keep its finer levels."""
 
     name: str
     bits: int | None = None
