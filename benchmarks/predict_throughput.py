@@ -58,8 +58,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=256, help="model input size")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for the model in (a), (b)")
-    parser.add_argument("--actors", type=int, default=os.cpu_count(), help="(c): model actors")
-    parser.add_argument("--actor-threads", type=int, default=1, help="(c): torch threads per model actor")
+    # The job's own defaults on CPU: one model actor on all cores. (Two 1-thread actors measured
+    # worse on 2 cores on 2026-12-03: each pays the 7 s import of torch and timm at start,
+    # steady 0.73-0.88 of the limit against 0.83 for one actor.)
+    parser.add_argument("--actors", type=int, default=1, help="(c): model actors")
+    parser.add_argument("--actor-threads", type=int, default=None,
+                        help="(c): torch threads per model actor (default: the job's, cores / actors)")
     parser.add_argument("--decode-workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                         help="DataLoader workers in (b) and decode tasks in (c)")
     parser.add_argument("--chunk-size", type=int, default=64, help="(c): images per part file")
@@ -243,7 +247,8 @@ def scoring_job(folder: Path, checkpoint: str, args) -> dict:
     return {
         "images": summary["images"], "seconds": finished - started, "rss": memory.peak,
         "until first part": parts[0] - started,
-        "steady": (summary["images"] - first_chunk) / (parts[-1] - parts[0]) if len(parts) > 1 else math.nan,
+        # Two or more intervals between parts: with fewer the rate is noise (96 images make 2 parts).
+        "steady": (summary["images"] - first_chunk) / (parts[-1] - parts[0]) if len(parts) > 2 else math.nan,
         "outputs": finished - parts[-1],
     }
 
@@ -302,7 +307,7 @@ def main(argv=None) -> None:
     reference = [fields[i % len(fields)] for i in range(args.reference_images)]
     print(f"predict throughput: {args.size}-px PNGs -> {args.backbone} at {args.image_size} px, batch "
           f"{args.batch_size}; (a), (b): {args.threads} torch threads; (c): {args.actors} model actor(s) of "
-          f"{args.actor_threads} thread(s), {args.decode_workers} decode task(s); {os.cpu_count()} cores; jobs of "
+          f"{args.actor_threads or 'cores / actors'} thread(s), {args.decode_workers} decode task(s); {os.cpu_count()} cores; jobs of "
           f"{args.sizes} images", flush=True)
     predictor = Predictor(checkpoint, device="cpu")
     decode_s = decode_cost_s(reference, predictor.preprocessing)
