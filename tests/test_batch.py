@@ -445,6 +445,25 @@ def test_plate_grid_puts_each_well_at_its_row_and_column():
     assert np.isnan(grid[6, 1]) and np.isnan(grid).sum() == 96 - 3
 
 
+def test_each_class_heatmap_png_shows_that_class_values(tmp_path):
+    """One figure is reused for a plate's classes: each PNG must carry its own class's grid."""
+    import matplotlib
+
+    from protein_ray.plates import class_keys, write_heatmaps
+
+    classes = ["Nucleoplasm", "Cytosol", "Mitochondria"]
+    keys = class_keys(classes)
+    wells = pd.DataFrame({"plate": "P1", "well": [f"{r}{c:02d}" for r in "ABCDEFGH" for c in range(1, 13)]})
+    for key, value in zip(keys, (0.0, 1.0, 0.5)):
+        wells[f"frac_pos_{key}"] = value
+    write_heatmaps(wells, str(tmp_path), classes)
+    for key, value in zip(keys, (0.0, 1.0, 0.5)):
+        pixels = np.asarray(Image.open(tmp_path / "P1" / f"{key}.png").convert("RGB")).reshape(-1, 3)
+        colours, counts = np.unique(pixels[(pixels < 250).any(axis=1)], axis=0, return_counts=True)
+        expected = np.array(matplotlib.colormaps["viridis"](value)[:3]) * 255
+        assert np.abs(colours[counts.argmax()] - expected).max() <= 2, key  # the plate's 96 wells
+
+
 def test_a_rerun_scores_again_the_chunks_whose_rows_failed_to_read(tmp_path):
     from protein_ray.scoring.parts import PARTS_DIR, part_uri, prepare_output
 
