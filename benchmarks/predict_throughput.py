@@ -59,8 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for the model in (a), (b)")
     # The job's own defaults on CPU: one model actor on all cores. (Two 1-thread actors measured
-    # worse on 2 cores on 2026-12-03: each pays the 7 s import of torch and timm at start,
-    # steady 0.73-0.88 of the limit against 0.83 for one actor.)
+    # worse on 2 cores on 2026-12-03: each pays the 7 s import of torch and timm at start;
+    # fixed 25.7 s and marginal 0.64 of the limit, against 11.5 s and 0.75 for one actor.)
     parser.add_argument("--actors", type=int, default=1, help="(c): model actors")
     parser.add_argument("--actor-threads", type=int, default=None,
                         help="(c): torch threads per model actor (default: the job's, cores / actors)")

@@ -184,14 +184,17 @@ def write_heatmaps(wells: pd.DataFrame, folder: str, classes: Sequence[str]) -> 
         # One figure serves every class of the plate: laid out once, then only its pixels
         # and title change, so each PNG costs one render (a figure per class, cropped
         # with bbox_inches="tight", cost two renders and a layout each: ~4 s per plate).
+        def single_title(name: str) -> str:
+            return f"{plate}: {name} (fraction of positive fields)"
+
         figure, single = plt.subplots(figsize=(7, 4.2) if shape[0] <= 8 else (11, 6.5))
-        image = _draw_grid(single, np.full(shape, np.nan), f"{plate}: {classes[0]} (fraction of positive fields)", cmap)
+        image = _draw_grid(single, np.full(shape, np.nan), single_title(classes[0]), cmap)
         figure.colorbar(image, ax=single, shrink=0.8)
         figure.tight_layout()
         for key, name, axis in zip(class_keys(classes), classes, axes.flat):
             grid = plate_grid(plate_wells, f"frac_pos_{key}", shape)
             image.set_data(np.ma.masked_invalid(grid))
-            single.set_title(f"{plate}: {name} (fraction of positive fields)", fontsize=9)
+            single.set_title(single_title(name), fontsize=9)
             uri = storage.join(plate_folder, f"{key}.png")
             storage.write_bytes(uri, _png(figure, crop=False))
             written.append(uri)
