@@ -446,7 +446,7 @@ def test_plate_grid_puts_each_well_at_its_row_and_column():
 
 
 def test_each_class_heatmap_png_shows_that_class_values(tmp_path):
-    """One figure is reused for a plate's classes: each PNG must carry its own class's grid."""
+    """Each class's PNG carries its own class's values, in viridis."""
     import matplotlib
 
     from protein_ray.plates import class_keys, write_heatmaps
@@ -462,6 +462,22 @@ def test_each_class_heatmap_png_shows_that_class_values(tmp_path):
         colours, counts = np.unique(pixels[(pixels < 250).any(axis=1)], axis=0, return_counts=True)
         expected = np.array(matplotlib.colormaps["viridis"](value)[:3]) * 255
         assert np.abs(colours[counts.argmax()] - expected).max() <= 2, key  # the plate's 96 wells
+
+
+def test_heatmap_png_draws_each_well_at_its_row_and_column(tmp_path):
+    """Row B, column 7 of a 96-well plate: the second row from the top, the seventh from the left."""
+    from protein_ray.plates import HEATMAP_CELL_PX, plate_grid, viridis_rgb, well_mosaic, write_heatmaps
+
+    wells = pd.DataFrame({"plate": "P1", "well": [f"{r}{c:02d}" for r in "ABCDEFGH" for c in range(1, 13)]})
+    wells["frac_pos_nucleoplasm"] = np.where(wells["well"] == "B07", 1.0, 0.0)
+    write_heatmaps(wells, str(tmp_path), ["Nucleoplasm"])
+    cell = HEATMAP_CELL_PX[0]
+    mosaic = well_mosaic(plate_grid(wells, "frac_pos_nucleoplasm", (8, 12)), cell)
+    centres = mosaic[cell // 2::cell, cell // 2::cell]  # one pixel per well
+    assert centres.shape == (8, 12, 3) and np.argwhere((centres == viridis_rgb()[255]).all(-1)).tolist() == [[1, 6]]
+    pixels = np.asarray(Image.open(tmp_path / "P1" / "nucleoplasm.png").convert("RGB"))
+    ys, xs = np.nonzero((pixels == viridis_rgb()[0]).all(-1))  # the first in reading order: well A01's corner
+    assert np.array_equal(pixels[ys[0]:ys[0] + 8 * cell, xs[0]:xs[0] + 12 * cell], mosaic)
 
 
 def test_a_rerun_scores_again_the_chunks_whose_rows_failed_to_read(tmp_path):

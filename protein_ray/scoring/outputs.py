@@ -110,10 +110,9 @@ def write_outputs(options: PredictOptions, index: InputIndex, card: ModelCard, t
         written["embeddings_parquet"] = write_table(embeddings, storage.join(out, "embeddings.parquet"))
     wells = add_robust_z(attach_plate_map(well_table(table, classes), plate_map), classes)
     plates = plate_table(wells, classes)
-    heatmaps = None
     if len(wells):
-        if options.heatmaps:  # drawn while the rest is written: ~3 s of matplotlib per plate
-            heatmaps = start_heatmaps(wells, storage.join(out, "heatmaps"), classes)
+        if options.heatmaps:
+            written["heatmaps"] = write_heatmaps(wells, storage.join(out, "heatmaps"), classes)
         written |= write_screen_tables(out, wells, plates)
         if options.embeddings:
             profiles = well_profiles(predictions, good_fields(predictions), wells)
@@ -124,22 +123,7 @@ def write_outputs(options: PredictOptions, index: InputIndex, card: ModelCard, t
                                                 storage.join(out, "submission.csv"))
     if options.report:
         written["report_html"] = write_job_report(options, index, card, table, wells, plates)
-    if heatmaps is not None:
-        written["heatmaps"] = heatmaps()
     return written, table
-
-
-def start_heatmaps(wells: pd.DataFrame, folder: str, classes: list[str]):
-    """Start drawing the heatmaps; returns a function that waits for their URIs. With
-    Ray up (after scoring, its CPUs are free) each plate is one Ray task, in parallel
-    with each other and with the report; without Ray they are drawn when asked for."""
-    import ray
-
-    if not ray.is_initialized():
-        return lambda: write_heatmaps(wells, folder, classes)
-    draw = ray.remote(num_cpus=1)(write_heatmaps)
-    plates = [draw.remote(plate_wells, folder, classes) for _, plate_wells in wells.groupby("plate", sort=True)]
-    return lambda: [uri for uris in ray.get(plates) for uri in uris]
 
 
 def qc_thresholds(options: PredictOptions) -> QcThresholds:
