@@ -21,7 +21,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from protein_ray import storage
-from protein_ray.plates import NO_DATA_RGB, class_keys, parse_well, plate_format, positive_matrix, viridis_index, viridis_rgb
+from protein_ray.plates import (
+    NO_DATA_RGB,
+    class_keys,
+    parse_well,
+    plate_format,
+    positive_matrix,
+    viridis_index,
+    viridis_rgb,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
