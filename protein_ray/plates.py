@@ -33,6 +33,7 @@ PLATE_FORMATS = ((8, 12), (16, 24))
 NO_DATA_RGB = (204, 204, 204)  # wells without a scored field, in the PNGs and the report
 HEATMAP_CELL_PX = (28, 18)  # per well: 96-well plates, 384-well plates (about as wide)
 HEATMAP_FONT_PX = 11
+PANEL_GRID_TOP = 3 * HEATMAP_FONT_PX  # a panel's title and column numbers sit above its wells
 
 
 def snake_case(name: str) -> str:
@@ -184,7 +185,7 @@ def plate_panel(grid: np.ndarray, title: str, cell: int):
 
     rows, columns = grid.shape
     title_font, label_font = _font(HEATMAP_FONT_PX + 1), _font(HEATMAP_FONT_PX)
-    left, top = 2 * HEATMAP_FONT_PX, 3 * HEATMAP_FONT_PX
+    left, top = 2 * HEATMAP_FONT_PX, PANEL_GRID_TOP
     width = max(left + columns * cell, int(title_font.getlength(title)) + left) + 4
     panel = Image.new("RGB", (width, top + rows * cell + 4), "white")
     panel.paste(Image.fromarray(well_mosaic(grid, cell)), (left, top))
@@ -227,7 +228,7 @@ def _beside_colour_bar(picture, top: int, height: int):
     return out
 
 
-def overview_picture(panels: list, title: str, grid_top: int, grid_height: int):
+def overview_picture(panels: list, title: str, grid_height: int):
     """The plate's class panels, five to a row, under ``title``, with one colour bar."""
     from PIL import Image, ImageDraw
 
@@ -238,7 +239,7 @@ def overview_picture(panels: list, title: str, grid_top: int, grid_height: int):
     for position, panel in enumerate(panels):
         sheet.paste(panel, ((position % columns) * tile_width, heading + (position // columns) * tile_height))
     ImageDraw.Draw(sheet).text((4, 4), title, fill="black", font=_font(HEATMAP_FONT_PX + 2))
-    return _beside_colour_bar(sheet, heading + grid_top, grid_height)
+    return _beside_colour_bar(sheet, heading + PANEL_GRID_TOP, grid_height)
 
 
 def _png(picture) -> bytes:
@@ -258,18 +259,17 @@ def write_heatmaps(wells: pd.DataFrame, folder: str, classes: Sequence[str]) -> 
     for plate, plate_wells in wells.groupby("plate", sort=True):
         shape = plate_format(plate_wells["well"])
         cell = HEATMAP_CELL_PX[shape[0] > 8]
-        grid_top, grid_height = 3 * HEATMAP_FONT_PX, shape[0] * cell
+        grid_height = shape[0] * cell
         plate_folder = storage.join(folder, re.sub(r"[^A-Za-z0-9._-]+", "_", str(plate)) or "plate")
         panels = []
         for key, name in zip(class_keys(classes), classes):
             grid = plate_grid(plate_wells, f"frac_pos_{key}", shape)
             single = plate_panel(grid, f"{plate}: {name} (fraction of positive fields)", cell)
             uri = storage.join(plate_folder, f"{key}.png")
-            storage.write_bytes(uri, _png(_beside_colour_bar(single, grid_top, grid_height)))
+            storage.write_bytes(uri, _png(_beside_colour_bar(single, PANEL_GRID_TOP, grid_height)))
             written.append(uri)
             panels.append(plate_panel(grid, name, cell))
-        overview = overview_picture(panels, f"plate {plate}: fraction of positive fields per well", grid_top,
-                                    grid_height)
+        overview = overview_picture(panels, f"plate {plate}: fraction of positive fields per well", grid_height)
         uri = storage.join(plate_folder, "all_classes.png")
         storage.write_bytes(uri, _png(overview))
         written.append(uri)

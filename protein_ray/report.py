@@ -36,7 +36,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-NO_DATA = "#{:02x}{:02x}{:02x}".format(*NO_DATA_RGB)
+def _hex(rgb) -> str:
+    return "#{:02x}{:02x}{:02x}".format(*rgb)
+
+
+NO_DATA = _hex(NO_DATA_RGB)
 MAX_LISTED = 500  # failed/flagged rows listed; a whole bad plate would make the page unusable
 THUMB_PX = 96
 FIELDS_PER_WELL = 3
@@ -94,7 +98,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: i
 @functools.cache
 def _viridis_table() -> tuple[str, ...]:
     """The viridis colours as hex, made once: heatmaps colour thousands of wells."""
-    return tuple("#{:02x}{:02x}{:02x}".format(*row) for row in viridis_rgb())
+    return tuple(_hex(row) for row in viridis_rgb())
 
 
 def _viridis(values) -> list[str]:
