@@ -58,14 +58,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=256, help="model input size")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for the model in (a), (b)")
-    # The job's own defaults on CPU: one model actor on all cores. (Two 1-thread actors measured
-    # worse on 2 cores on 2026-12-03: each pays the 7 s import of torch and timm at start;
-    # fixed 25.7 s and marginal 0.64 of the limit, against 11.5 s and 0.75 for one actor.)
-    parser.add_argument("--actors", type=int, default=1, help="(c): model actors")
+    # The job's own defaults on CPU: one 1-thread actor per core, each decoding its own images.
+    parser.add_argument("--actors", type=int, default=None, help="(c): model actors (default: the job's)")
     parser.add_argument("--actor-threads", type=int, default=None,
                         help="(c): torch threads per model actor (default: the job's, cores / actors)")
     parser.add_argument("--decode-workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
-                        help="DataLoader workers in (b) and decode tasks in (c)")
+                        help="DataLoader workers in (b)")
+    parser.add_argument("--decode-tasks", type=int, default=None,
+                        help="(c): decode tasks feeding the actors (default: the job's; on CPU the actors decode)")
     parser.add_argument("--chunk-size", type=int, default=64, help="(c): images per part file")
     parser.add_argument("--reference-images", type=int, default=384, help="images for the limit, (a) and (b)")
     parser.add_argument("--bracket-images", type=int, default=96,
@@ -253,7 +253,7 @@ def scoring_job(folder: Path, checkpoint: str, args) -> dict:
         summary = score(PredictOptions(
             checkpoint=checkpoint, inputs=[str(folder)], output=str(output), overwrite=True,
             batch_size=args.batch_size, actors=args.actors, threads_per_actor=args.actor_threads,
-            decode_tasks=args.decode_workers,
+            decode_tasks=args.decode_tasks,
             chunk_size=args.chunk_size, max_error_rate=0.0,
         ))
     finished = time.time()
@@ -281,8 +281,9 @@ def start_ray(args) -> float:
     # Ray runs its workers at nice 15; on a machine shared with other work they would
     # get less CPU than (a) and (b), which run at nice 0. (No effect on an idle machine.)
     os.environ.setdefault("RAY_worker_niceness", "0")
-    # Logical CPUs: one per model actor and per decode task.
-    ray.init(num_cpus=args.actors + args.decode_workers, include_dashboard=False, log_to_driver=False)
+    # Logical CPUs: the cores, or one per model actor and decode task if that is more.
+    cpus = max(os.cpu_count() or 1, (args.actors or 1) + (args.decode_tasks or 0))
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     return time.perf_counter() - started
 
 
@@ -325,8 +326,9 @@ def main(argv=None) -> None:
     fields, checkpoint = prepare(args)
     reference = [fields[i % len(fields)] for i in range(args.reference_images)]
     print(f"predict throughput: {args.size}-px PNGs -> {args.backbone} at {args.image_size} px, batch "
-          f"{args.batch_size}; (a), (b): {args.threads} torch threads; (c): {args.actors} model actor(s) of "
-          f"{args.actor_threads or 'cores / actors'} thread(s), {args.decode_workers} decode task(s); {os.cpu_count()} "
+          f"{args.batch_size}; (a), (b): {args.threads} torch threads; (c): {args.actors or 'the job default'} model actor(s) of "
+          f"{args.actor_threads or 'cores / actors'} thread(s), "
+          f"{f'{args.decode_tasks} decode task(s)' if args.decode_tasks else 'decoding in the actors'}; {os.cpu_count()} "
           f"cores; jobs of "
           f"{args.sizes} images", flush=True)
     predictor = Predictor(checkpoint, device="cpu")

@@ -242,9 +242,10 @@ def add_predict_command(commands) -> None:
     parser.add_argument("--threads-per-actor", type=int, default=None,
                         help="torch threads per CPU model actor (default: the node's cores / actors)")
     parser.add_argument("--decode-tasks", type=int, default=None,
-                        help="at most this many decode tasks at once (default: as many as free CPUs allow)")
+                        help="at most this many decode tasks at once (default: as many as free CPUs allow). "
+                        "Without GPUs the model actors decode their own images unless this is given")
     parser.add_argument("--decode-batch", type=int, default=defaults["decode_batch"],
-                        help=f"images per decoded block (default {defaults['decode_batch']})")
+                        help=f"images per block a decode task yields (default {defaults['decode_batch']})")
     parser.add_argument("--chunk-size", type=int, default=defaults["chunk_size"],
                         help=f"images per part file, the unit a rerun skips (default {defaults['chunk_size']})")
     parser.add_argument("--tta", action="store_true", help="average flips and a 90-degree turn (4x the compute)")

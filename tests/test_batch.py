@@ -121,11 +121,12 @@ def write_mixed_folder(folder: Path) -> list[str]:
 
 
 @pytest.mark.ray
-def test_every_input_gets_one_row_and_too_many_failures_exit_nonzero(tmp_path, tiny_checkpoint, predict):
+@pytest.mark.parametrize("layout", [(), ("--decode-tasks", 1)], ids=["actors-decode", "decode-tasks"])
+def test_every_input_gets_one_row_and_too_many_failures_exit_nonzero(tmp_path, tiny_checkpoint, predict, layout):
     folder, out = tmp_path / "mixed", tmp_path / "out"
     good = write_mixed_folder(folder)
     code, stdout, stderr = predict("--checkpoint", tiny_checkpoint, "--input", folder, "--output", out,
-                                   "--max-pixels", 5000, "--chunk-size", 4)
+                                   "--max-pixels", 5000, "--chunk-size", 4, *layout)
 
     # Failed fraction 8/15 > the default 5%: a non-zero exit that says why...
     assert code != 0
@@ -404,20 +405,24 @@ def test_part_writer_writes_each_chunk_once_without_duplicate_rows(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "cluster, options, expected",
+    "cluster, options, batches, expected",
     [
-        ({"CPU": 8.0}, {}, (1, 0.0)),  # no GPU: one CPU actor
-        ({"CPU": 16.0, "GPU": 4.0}, {}, (4, 1.0)),  # one actor per GPU
-        ({"CPU": 16.0, "GPU": 4.0}, {"num_gpus": 0.5}, (8, 0.5)),  # two actors share each GPU
-        ({"CPU": 16.0, "GPU": 4.0}, {"actors": 2}, (2, 1.0)),
+        ({"CPU": 8.0}, {}, 1000, (8, 0.0, True)),  # no GPU: one CPU actor per CPU, each decoding its images
+        ({"CPU": 8.0}, {}, 2, (2, 0.0, True)),  # ... but no more than there are model batches
+        ({"CPU": 8.0}, {"cpus_per_actor": 2}, 1000, (4, 0.0, True)),
+        ({"CPU": 8.0}, {"decode_tasks": 2}, 1000, (1, 0.0, False)),  # one actor when decode tasks are asked for
+        ({"CPU": 4.0}, {"actors": 2, "cpus_per_actor": 2}, 1000, (2, 0.0, True)),  # no CPU need be left to decode
+        ({"CPU": 16.0, "GPU": 4.0}, {}, 1000, (4, 1.0, False)),  # one actor per GPU, fed by decode tasks
+        ({"CPU": 16.0, "GPU": 4.0}, {"num_gpus": 0.5}, 1000, (8, 0.5, False)),  # two actors share each GPU
+        ({"CPU": 16.0, "GPU": 4.0}, {"actors": 2}, 10, (2, 1.0, False)),
     ],
 )
-def test_resource_plan_follows_the_cluster(cluster, options, expected):
+def test_resource_plan_follows_the_cluster(cluster, options, batches, expected):
     from protein_ray.scoring.options import PredictOptions
     from protein_ray.scoring.pipeline import plan_resources
 
-    plan = plan_resources(PredictOptions("c", ["i"], "o", **options), cluster, 50 * 2**20, Preprocessing(64))
-    assert (plan.actors, plan.num_gpus) == expected
+    plan = plan_resources(PredictOptions("c", ["i"], "o", **options), cluster, 50 * 2**20, Preprocessing(64), batches)
+    assert (plan.actors, plan.num_gpus, plan.decode_in_actors) == expected
     assert plan.actor_memory > 3 * 50 * 2**20  # the weights, their copy while loading, and a batch
 
 
@@ -425,14 +430,34 @@ def test_resource_plan_refuses_what_the_cluster_cannot_give():
     from protein_ray.scoring.options import PredictJobError, PredictOptions
     from protein_ray.scoring.pipeline import plan_resources
 
+    def plan(cluster, **options):
+        return plan_resources(PredictOptions("c", ["i"], "o", **options), cluster, 1, Preprocessing(64), 100)
+
     with pytest.raises(PredictJobError, match="cluster has 0 GPU"):
-        plan_resources(PredictOptions("c", ["i"], "o", num_gpus=1), {"CPU": 4.0}, 1, Preprocessing(64))
+        plan({"CPU": 4.0}, num_gpus=1)
     with pytest.raises(PredictJobError, match="leave no CPU .* for decoding"):
-        plan_resources(PredictOptions("c", ["i"], "o", actors=2, cpus_per_actor=2), {"CPU": 4.0}, 1,
-                       Preprocessing(64))
-    small, tta = (plan_resources(PredictOptions("c", ["i"], "o", tta=t), {"CPU": 4.0}, 1, Preprocessing(512))
+        plan({"CPU": 4.0}, actors=2, cpus_per_actor=2, decode_tasks=1)
+    with pytest.raises(PredictJobError, match="need more than the cluster's 4 CPU"):
+        plan({"CPU": 4.0}, actors=3, cpus_per_actor=2)
+    small, tta = (plan_resources(PredictOptions("c", ["i"], "o", tta=t), {"CPU": 4.0}, 1, Preprocessing(512), 100)
                   for t in (False, True))
     assert tta.actor_memory > small.actor_memory  # four views of each batch are held at once
+
+
+def test_chunk_work_splits_chunks_into_items_that_never_cross_a_chunk():
+    import json
+
+    from protein_ray.scoring.decode import chunk_work
+
+    rows = pd.DataFrame({"sources": [[f"/d/{i}.png"] for i in range(10)], "shard_file": [None] * 10,
+                         "shard_row": [None] * 10})
+    whole = chunk_work(rows, 4, [0, 2])  # chunk 1 already written
+    assert [(item["chunk"], [w["row"] for w in json.loads(item["work"])]) for item in whole] == [
+        (0, [0, 1, 2, 3]), (2, [8, 9])]
+    pieces = chunk_work(rows, 4, [0, 1, 2], item_size=3)
+    assert [(item["chunk"], [w["row"] for w in json.loads(item["work"])]) for item in pieces] == [
+        (0, [0, 1, 2]), (0, [3]), (1, [4, 5, 6]), (1, [7]), (2, [8, 9])]
+    assert json.loads(pieces[0]["work"])[0] == {"row": 0, "sources": ["/d/0.png"]}
 
 
 def test_plate_grid_puts_each_well_at_its_row_and_column():

@@ -80,7 +80,8 @@ def test_scoring_completes_with_every_image_once_when_a_node_dies(cluster, smoke
     node = cluster.add_node(num_cpus=4)
     out, log = tmp_path / "scores", tmp_path / "predict.log"
     driver = start_driver(["predict", "--checkpoint", smoke_checkpoint, "--input", str(plate),
-                           "--output", str(out), "--chunk-size", "32", "--decode-batch", "8"], cluster, log)
+                           "--output", str(out), "--chunk-size", "32", "--decode-batch", "8", "--decode-tasks", "3"],
+                          cluster, log)
     # Killed while decode tasks run on the node, some seconds in: chunks it decoded are
     # then lost from its object store, and chunks it is decoding are lost mid-task.
     wait_while_running(driver, log, lambda: ran_work(node.running(), "MapBatches"), "decoding on the worker node")

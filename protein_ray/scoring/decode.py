@@ -1,6 +1,7 @@
 """The decode stage: chunks of index rows -> preprocessed pixels or an error per row.
 
-Runs in Ray tasks (scales with CPU count, on any node). Reads go through a thread
+Runs in Ray tasks (scales with CPU count, on any node) that feed GPU actors, or in the
+CPU model actors themselves (``pipeline.DecodeAndModelStage``). Reads go through a thread
 pool, which hides S3 latency and is harmless on local disk; shard files are read
 only in the row groups a chunk needs.
 """
@@ -24,13 +25,17 @@ from protein_ray.sources import missing_stains
 READ_THREADS = 8  # concurrent reads per decode task
 
 
-def chunk_work(rows: pd.DataFrame, chunk_size: int, chunks: list[int]) -> list[dict]:
-    """One Ray Data item per chunk: its rows and where their bytes are, as JSON
-    (a plain string column: no nested Arrow types to reconcile across blocks)."""
+def chunk_work(rows: pd.DataFrame, chunk_size: int, chunks: list[int], item_size: int | None = None) -> list[dict]:
+    """Ray Data items for the ``chunks`` still to do: each chunk whole, or in pieces of
+    ``item_size`` rows; an item's rows and where their bytes are, as JSON (a plain
+    string column: no nested Arrow types to reconcile across blocks)."""
+    item_size = item_size or chunk_size
     items = []
     for chunk in chunks:
-        work = work_items(rows.iloc[chunk * chunk_size:(chunk + 1) * chunk_size])
-        items.append({"chunk": chunk, "work": json.dumps(work)})
+        rows_of_chunk = rows.iloc[chunk * chunk_size:(chunk + 1) * chunk_size]
+        for start in range(0, len(rows_of_chunk), item_size):
+            work = work_items(rows_of_chunk.iloc[start:start + item_size])
+            items.append({"chunk": chunk, "work": json.dumps(work)})
     return items
 
 
@@ -124,13 +129,15 @@ def decode_encoded(encoded: list[bytes] | np.ndarray | Exception, preprocessing:
 
 
 def decode_rows(work: list[dict], shard_images: dict[int, bytes], preprocessing: Preprocessing,
-                max_pixels: int, measure_qc: bool) -> dict:
+                max_pixels: int, measure_qc: bool, threads: int = 1) -> dict:
     """Work rows -> one output row each: model pixels (``imaging.prepare_batch``), or zeros and an error;
-    with ``measure_qc``, the field's QC measures at full resolution (NaN if it failed)."""
+    with ``measure_qc``, the field's QC measures at full resolution (NaN if it failed). ``threads``
+    images decode at once (the codecs release the GIL): one in a decode task, which holds one CPU."""
     with ThreadPoolExecutor(min(READ_THREADS, len(work))) as pool:
         encoded = list(pool.map(
             lambda item: fetch_encoded(item, shard_images, preprocessing.image_size, max_pixels), work))
-    outcomes = [decode_encoded(data, preprocessing, max_pixels) for data in encoded]
+    with ThreadPoolExecutor(threads) as pool:
+        outcomes = list(pool.map(lambda data: decode_encoded(data, preprocessing, max_pixels), encoded))
     good = [i for i, (image, _, _) in enumerate(outcomes) if image is not None]
     measures = None
     if measure_qc:
@@ -159,11 +166,13 @@ def qc_measures(images: list[np.ndarray], positions: list[int], rows: int, width
     return out
 
 
-def decode_chunks(batch: dict, preprocessing: Preprocessing, max_pixels: int, decode_batch: int, measure_qc: bool):
+def decode_chunks(batch: dict, preprocessing: Preprocessing, max_pixels: int, decode_batch: int, measure_qc: bool,
+                  threads: int = 1):
     """Ray Data map function: chunk items -> blocks of ``decode_batch`` decoded rows.
     Yielding small blocks keeps memory flat and starts the model before a chunk is done."""
     for text in batch["work"]:
         work = json.loads(str(text))
         shard_images = read_shard_images(work)
         for start in range(0, len(work), decode_batch):
-            yield decode_rows(work[start:start + decode_batch], shard_images, preprocessing, max_pixels, measure_qc)
+            yield decode_rows(work[start:start + decode_batch], shard_images, preprocessing, max_pixels, measure_qc,
+                              threads)

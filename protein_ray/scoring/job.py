@@ -89,11 +89,15 @@ def run_pipeline(options: PredictOptions, card: ModelCard, index: InputIndex, wr
     import ray
 
     init_ray(options.address)
+    batches = sum(-(-images // options.batch_size) for images in writer.expected.values())
     resources = plan_resources(options, ray.cluster_resources(), weights_bytes(options.checkpoint),
-                               card.preprocessing)
-    logger.info("model stage: %d actor(s) with %g GPU and %g CPU each, batch %d", resources.actors,
-                resources.num_gpus, resources.cpus_per_actor, options.batch_size)
-    work = chunk_work(index.rows, options.chunk_size, list(writer.expected))
+                               card.preprocessing, batches)
+    logger.info("model stage: %d actor(s) with %g GPU and %g CPU each, batch %d; %s", resources.actors,
+                resources.num_gpus, resources.cpus_per_actor, options.batch_size,
+                "the actors decode their images" if resources.decode_in_actors else "decode tasks feed them")
+    # Actors that decode take one model batch at a time; decode tasks take whole chunks.
+    item_size = options.batch_size if resources.decode_in_actors else options.chunk_size
+    work = chunk_work(index.rows, options.chunk_size, list(writer.expected), item_size)
     preprocessing = card.preprocessing.with_bits(options.bit_depth)
     dataset = scoring_dataset(work, options, preprocessing, resources)
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
