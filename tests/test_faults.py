@@ -71,26 +71,36 @@ def ran_work(killed: list[str], marker: str) -> bool:
     return any(name.startswith("ray::") and marker in name for name in killed)
 
 
-def test_scoring_completes_with_every_image_once_when_a_node_dies(cluster, smoke_checkpoint, tmp_path):
+# Decode tasks feeding model actors (the GPU layout), and CPU actors that decode their
+# own images (4 of them: the head's 3 CPUs cannot hold them all, so one is on the node).
+LAYOUTS = {
+    "decode-tasks": (["--decode-tasks", "3"], "MapBatches", "decoding on the worker node"),
+    "actors-decode": (["--actors", "4"], "DecodeAndModelStage", "a decoding model actor on the worker node"),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_scoring_completes_with_every_image_once_when_a_node_dies(cluster, smoke_checkpoint, tmp_path, layout):
     from protein_ray import synthetic
 
+    options, marker, what = LAYOUTS[layout]
     plate = tmp_path / "plate"
     synthetic.write_plate_dataset(plate, wells=96, fields=8, size=96, seed=3, progress=False)
     inputs = {p.relative_to(plate).with_suffix("").as_posix() for p in plate.rglob("*.png")}
     node = cluster.add_node(num_cpus=4)
     out, log = tmp_path / "scores", tmp_path / "predict.log"
     driver = start_driver(["predict", "--checkpoint", smoke_checkpoint, "--input", str(plate),
-                           "--output", str(out), "--chunk-size", "32", "--decode-batch", "8", "--decode-tasks", "3"],
+                           "--output", str(out), "--chunk-size", "32", "--decode-batch", "8", *options],
                           cluster, log)
-    # Killed while decode tasks run on the node, some seconds in: chunks it decoded are
-    # then lost from its object store, and chunks it is decoding are lost mid-task.
-    wait_while_running(driver, log, lambda: ran_work(node.running(), "MapBatches"), "decoding on the worker node")
+    # Killed while the node decodes, some seconds in: work it finished is then lost
+    # from its object store, and work it is doing is lost mid-task.
+    wait_while_running(driver, log, lambda: ran_work(node.running(), marker), what)
     time.sleep(3)
     killed_at = time.monotonic()
     killed = node.kill()
     output = finish(driver, log, timeout_s=600)
 
-    assert ran_work(killed, "MapBatches"), killed
+    assert ran_work(killed, marker), killed
     predictions = pd.read_parquet(out / "predictions.parquet")
     assert len(predictions) == len(inputs) == 768
     assert set(predictions["image_id"]) == inputs and predictions["image_id"].is_unique
