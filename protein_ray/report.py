@@ -16,6 +16,7 @@ import html
 import io
 import logging
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -45,6 +46,7 @@ MAX_LISTED = 500  # failed/flagged rows listed; a whole bad plate would make the
 THUMB_PX = 96
 FIELDS_PER_WELL = 3
 LOAD_CHUNK = 16  # fields per load_fields call
+THUMBNAIL_LOADS = 2  # load_fields calls at once
 CONTROL_MARK = {"negative": "N", "positive": "P"}
 # Stain display colours (RGB weights) in stain order: HPA's red, green, blue, yellow, then extras.
 STAIN_COLOURS = ((1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1))
@@ -266,18 +268,23 @@ def thumbnail_png(image: np.ndarray, size: int = THUMB_PX) -> bytes:
 
 def _load_thumbnails(load_fields, image_ids: list[str], chunk: int = LOAD_CHUNK) -> dict[str, str]:
     """Image id -> data URI. Fields are loaded a few at a time (150 full 4-stain fields would
-    take gigabytes); a failed load costs those thumbnails, not the report."""
-    thumbs = {}
-    for start in range(0, len(image_ids) if load_fields is not None else 0, chunk):
-        ids = image_ids[start:start + chunk]
+    take gigabytes), two loads at once (decoders and Pillow release the GIL: 1.4 -> 0.8 s for
+    a report's 97 fields on 2 cores); a failed load costs those thumbnails, not the report."""
+    if load_fields is None:
+        return {}
+
+    def thumbnails_of(ids: list[str]) -> dict[str, str]:
         try:
             images = load_fields(ids)
         except Exception:
             logger.warning("thumbnails left out: loading fields %s failed", ids, exc_info=True)
-            continue
-        thumbs |= {i: "data:image/png;base64," + base64.b64encode(thumbnail_png(images[i])).decode("ascii")
-                   for i in ids if i in images}
-    return thumbs
+            return {}
+        return {i: "data:image/png;base64," + base64.b64encode(thumbnail_png(images[i])).decode("ascii")
+                for i in ids if i in images}
+
+    chunks = [image_ids[start:start + chunk] for start in range(0, len(image_ids), chunk)]
+    with ThreadPoolExecutor(THUMBNAIL_LOADS) as pool:
+        return {key: uri for thumbs in pool.map(thumbnails_of, chunks) for key, uri in thumbs.items()}
 
 
 # -------------------------------------------------------------- top wells ----

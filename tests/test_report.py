@@ -202,6 +202,20 @@ def test_top_wells_show_thumbnails_only_when_fields_can_be_loaded():
     assert "data:image" not in report(None)
 
 
+def test_a_failed_field_load_costs_its_thumbnails_not_the_others():
+    from protein_ray.report import _load_thumbnails
+
+    def failing_for_f3(image_ids):  # a load holding f3 fails (storage down); the others succeed
+        if "f3" in image_ids:
+            raise OSError("storage unavailable")
+        return load_fields(image_ids)
+
+    ids = [f"f{i}" for i in range(7)]
+    thumbs = _load_thumbnails(failing_for_f3, ids, chunk=2)  # loads: f0 f1 | f2 f3 | f4 f5 | f6
+    assert sorted(thumbs) == ["f0", "f1", "f4", "f5", "f6"]
+    assert all(uri.startswith("data:image/png;base64,") for uri in thumbs.values())
+
+
 def test_thumbnails_draw_stains_in_their_colours():
     def colour(stains: int, lit: int) -> tuple[int, ...]:
         image = np.zeros((300, 500, stains), np.float32)
