@@ -20,9 +20,13 @@ memory of the whole process tree: Ray's processes are descendants of this one),
 where its time went (until the first part file; the rate from the first part file
 to the last; the final outputs), and the line ``time = fixed + images / marginal``
 fitted through the job times: the fixed seconds every job pays and the marginal
-rate at which it grows, each rate also as a fraction of the limit.
+rate at which it grows, each rate also as a fraction of the limit. With
+--layout-rounds N it then scores one job N times in each CPU layout the job can run
+(1-thread actors that decode, the default; one actor on all cores that decodes; one
+actor fed by a decode task), interleaved, and prints each against its limit.
 
     python benchmarks/predict_throughput.py                     # resnet18 @ 256 px, 512-px PNGs, ~12 min
+    python benchmarks/predict_throughput.py --sizes 96 --layout-rounds 2   # + 6 jobs of 768 images, ~10 min more
     python benchmarks/predict_throughput.py --sizes 96 384 --backbone test_resnet --image-size 64 --size 128
 
 The images are the synthetic plate's 384 fields (cached under --out) repeated
@@ -70,6 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--reference-images", type=int, default=384, help="images for the limit, (a) and (b)")
     parser.add_argument("--bracket-images", type=int, default=96,
                         help="images for the limit measured again before and after each job (c)")
+    parser.add_argument("--layout-rounds", type=int, default=0,
+                        help="then score the job of --layout-images this many times in each CPU layout, interleaved")
+    parser.add_argument("--layout-images", type=int, default=768, help="images per job of the layout comparison")
     parser.add_argument("--sample-rss-of", type=int, default=None, help=argparse.SUPPRESS)  # PeakMemory's sampler
     return parser.parse_args(argv)
 
@@ -313,6 +320,40 @@ def print_report(limit: dict, a: float, b: float, jobs: list[dict]) -> None:
           f"{largest['images'] / largest['seconds'] / b:.2f} (b measured at the start)")
 
 
+# The CPU layouts the job can run: the default, and what --actors/--decode-tasks select.
+LAYOUTS = {
+    "1-thread actors that decode (default)": {},
+    "1 actor on all cores that decodes": {"actors": 1},
+    "1 actor on all cores + 1 decode task": {"actors": 1, "decode_tasks": 1},
+}
+
+
+def compare_layouts(fields, checkpoint, args, predictor, bracket, before, model_threads: int) -> list[dict]:
+    """The same job in each layout, --layout-rounds times, interleaved (A B C A B C ...)
+    so that the host's drift falls on every layout alike; each against its bracket."""
+    folder = job_folder(fields, args.layout_images, Path(args.out) / "jobs")
+    limit_before, runs = before["images_per_s"], []
+    for round_ in range(args.layout_rounds):
+        for name, options in LAYOUTS.items():
+            job = scoring_job(folder, checkpoint, argparse.Namespace(**vars(args) | options))
+            limit_after = measure_limit(predictor, *bracket, args.batch_size, [model_threads])["images_per_s"]
+            runs.append(job | {"layout": name, "round": round_, "limit": (limit_before + limit_after) / 2})
+            print(f"(layouts) round {round_ + 1}, {name}: {job['seconds']:.1f} s", flush=True)
+            limit_before = limit_after
+    return runs
+
+
+def print_layouts(runs: list[dict]) -> None:
+    if not runs:
+        return
+    print(f"\nlayouts, interleaved, {runs[0]['images']} images per job (each against the limit measured around it)")
+    print(f"    {'layout':<40} {'round':>5} {'seconds':>8} {'/limit':>7} {'steady/limit':>13} {'first part s':>13}")
+    for run in runs:
+        print(f"    {run['layout']:<40} {run['round'] + 1:5d} {run['seconds']:8.1f} "
+              f"{run['images'] / run['seconds'] / run['limit']:7.2f} {run['steady'] / run['limit']:13.2f} "
+              f"{run['until first part']:13.1f}")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.sample_rss_of:
@@ -354,8 +395,11 @@ def main(argv=None) -> None:
         print(f"(c) {images} images: {job['seconds']:.1f} s; limit {before['images_per_s']:.2f} before, "
               f"{after['images_per_s']:.2f} after", flush=True)
         before = after
+    layouts = (compare_layouts(fields, checkpoint, args, predictor, bracket, before, limit["model_threads"])
+               if args.layout_rounds else [])
     ray.shutdown()
     print_report(limit, a, b, jobs)
+    print_layouts(layouts)
 
 
 if __name__ == "__main__":
