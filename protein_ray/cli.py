@@ -234,13 +234,14 @@ def add_predict_command(commands) -> None:
                         "default: the checkpoint's (the file's own depth)")
     parser.add_argument("--batch-size", type=int, default=defaults["batch_size"],
                         help=f"images per model call (default {defaults['batch_size']})")
-    parser.add_argument("--actors", type=int, default=None, help="model actors (default: one per GPU, else 1)")
+    parser.add_argument("--actors", type=int, default=None, help="model actors (default: one per GPU; without GPUs one per CPU, no more than the "
+                        "model batches, or 1 with --decode-tasks)")
     parser.add_argument("--num-gpus", type=float, default=None,
                         help="GPUs per model actor (default: 1 if the cluster has GPUs, else 0)")
     parser.add_argument("--cpus-per-actor", type=float, default=defaults["cpus_per_actor"],
                         help=f"logical CPUs per model actor (default {defaults['cpus_per_actor']:g})")
     parser.add_argument("--threads-per-actor", type=int, default=None,
-                        help="torch threads per CPU model actor (default: the node's cores / actors)")
+                        help="torch threads per CPU model actor (default: the node's cores / actors, at least 1)")
     parser.add_argument("--decode-tasks", type=int, default=None,
                         help="at most this many decode tasks at once (default: as many as free CPUs allow). "
                         "Without GPUs the model actors decode their own images unless this is given")

@@ -35,7 +35,7 @@ class PredictOptions:
     channel_map: str | None = None  # "1=blue,2=green,...": file channel -> the checkpoint's stain
     bit_depth: int | None = None  # read 16-bit files as this many bits (12-bit cameras); default: the checkpoint's
     batch_size: int = 32  # images per model call
-    actors: int | None = None  # model actors (default: one per GPU, else 1)
+    actors: int | None = None  # model actors (default: one per GPU; else one per CPU, up to the model batches)
     num_gpus: float | None = None  # per actor (default: 1 when the cluster has GPUs)
     cpus_per_actor: float = 1.0  # logical CPUs each model actor reserves
     threads_per_actor: int | None = None  # torch threads in each CPU actor (default: cores / actors)
