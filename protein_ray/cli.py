@@ -234,7 +234,8 @@ def add_predict_command(commands) -> None:
                         "default: the checkpoint's (the file's own depth)")
     parser.add_argument("--batch-size", type=int, default=defaults["batch_size"],
                         help=f"images per model call (default {defaults['batch_size']})")
-    parser.add_argument("--actors", type=int, default=None, help="model actors (default: one per GPU; without GPUs one per CPU, no more than the "
+    parser.add_argument("--actors", type=int, default=None,
+                        help="model actors (default: one per GPU; without GPUs one per CPU, no more than the "
                         "model batches, or 1 with --decode-tasks)")
     parser.add_argument("--num-gpus", type=float, default=None,
                         help="GPUs per model actor (default: 1 if the cluster has GPUs, else 0)")

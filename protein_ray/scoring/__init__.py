@@ -6,7 +6,7 @@
                or plate folder; local or s3://) -> rows in a stable order
     decode     chunk -> read + decode + preprocess     (Ray tasks: scale with CPUs)
     pipeline   -> model                                (actor pool: a Predictor each;
-               without GPUs the actors decode their own chunks, no decode tasks)
+               without GPUs the actors decode their own batches, no decode tasks)
     parts      rows of a chunk complete -> parts/part-<chunk>.parquet (atomic)
     outputs    all parts -> predictions, wells, heatmaps, submission.csv, embeddings
     job        the driver: options -> index -> pipeline -> outputs -> summary.json

@@ -168,7 +168,7 @@ def qc_measures(images: list[np.ndarray], positions: list[int], rows: int, width
 
 def decode_chunks(batch: dict, preprocessing: Preprocessing, max_pixels: int, decode_batch: int, measure_qc: bool,
                   threads: int = 1):
-    """Ray Data map function: chunk items -> blocks of ``decode_batch`` decoded rows.
+    """Ray Data map function: work items (``chunk_work``) -> blocks of ``decode_batch`` decoded rows.
     Yielding small blocks keeps memory flat and starts the model before a chunk is done."""
     for text in batch["work"]:
         work = json.loads(str(text))
