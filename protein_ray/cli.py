@@ -13,7 +13,7 @@ import json
 import logging
 import sys
 
-from protein_ray.runtime import configure_logging
+from protein_ray.runtime import configure_logging, long_lived_setup
 from protein_ray.scoring.options import PredictOptions
 
 logger = logging.getLogger("protein_ray")
@@ -117,10 +117,10 @@ def add_shard_command(commands) -> None:
 
 
 def run_train(args: argparse.Namespace) -> None:
-
-    from protein_ray.config import load_config
-    from protein_ray.runtime import init_ray
-    from protein_ray.train import run_training
+    with long_lived_setup():
+        from protein_ray.config import load_config
+        from protein_ray.runtime import init_ray
+        from protein_ray.train import run_training
 
     config = load_config(args.config, args.set)  # fails here, before Ray starts, on a bad value
     init_ray(args.address, num_cpus=config.run.local_cpus())
@@ -176,8 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_predict(args: argparse.Namespace) -> None:
-    from protein_ray.scoring.job import format_summary, score
-    from protein_ray.scoring.options import ErrorRateExceeded
+    with long_lived_setup():
+        from protein_ray.scoring.job import format_summary, score
+        from protein_ray.scoring.options import ErrorRateExceeded
 
     options = PredictOptions.from_args(args)
     try:

@@ -9,6 +9,8 @@ reaches the driver as forwarded text, so it is quieted inside the workers (a
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import os
 
@@ -19,6 +21,27 @@ VERBOSE_ENV = "PROTEIN_RAY_VERBOSE"
 # controller lives; without a dashboard that API is absent and each check warns.
 CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 CLEANER_NOISE = "Failed to query Ray Train Controller actor state"
+
+
+@contextlib.contextmanager
+def long_lived_setup():
+    """For set-up whose objects live as long as the process (imports of torch and timm,
+    a model): the cyclic garbage collector is paused while they are made, then they are
+    frozen out of its sight, so that it neither walks them again and again during the
+    import nor once more as the process exits. Measured on 2 cores on 2026-12-05:
+    importing timm and ray.data took 4.6-5.3 s of CPU, 3.6-4.7 s with the collector
+    paused; a process with timm imported spent 1.0 s of CPU exiting, 0.2 s with it frozen
+    (a scoring job's actors exit while its driver writes the outputs). Cycles left by
+    the set-up are kept (11,000 objects after importing timm and ray.data): finding
+    them would take a full collection, 0.35 s."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if was_enabled:
+            gc.enable()
 
 
 def is_verbose(flag: bool = False) -> bool:

@@ -9,10 +9,9 @@ from dataclasses import dataclass
 import numpy as np
 import ray
 import ray.data
-import torch
 
 from protein_ray.imaging import Preprocessing
-from protein_ray.predictor import Predictor
+from protein_ray.runtime import long_lived_setup
 from protein_ray.scoring.decode import decode_chunks
 from protein_ray.scoring.options import PredictJobError, PredictOptions
 
@@ -21,11 +20,18 @@ class ModelStage:
     """Ray Data callable class: the model, loaded once per actor, on its GPU if it has one."""
 
     def __init__(self, checkpoint: str, tta: bool, threads: int | None, actors: int, embeddings: bool):
-        self.predictor = Predictor(checkpoint, tta=tta)
+        # torch and timm are imported here, not with this module, to import them as long-lived set-up.
+        with long_lived_setup():
+            import torch
+
+            from protein_ray.predictor import Predictor
+
+            self.predictor = Predictor(checkpoint, tta=tta)
         if self.predictor.device.type == "cpu":
             # Ray starts actors with one thread per reserved CPU; the model is the slow
             # stage on CPU, so by default it gets the node's cores (shared by the actors).
             torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // actors))
+        self.threads = torch.get_num_threads()
         spec = self.predictor.preprocessing
         blank = np.zeros((1, spec.channels, spec.image_size, spec.image_size), np.float32)
         # Known up front so that a batch with no decodable image still has the column's width.
@@ -60,7 +66,7 @@ class DecodeAndModelStage(ModelStage):
         self.decode = decode
 
     def __call__(self, batch: dict):
-        for block in decode_chunks(batch, **self.decode, threads=torch.get_num_threads()):
+        for block in decode_chunks(batch, **self.decode, threads=self.threads):
             yield super().__call__(block)
 
 
