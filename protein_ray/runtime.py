@@ -10,6 +10,7 @@ reaches the driver as forwarded text, so it is quieted inside the workers (a
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import logging
 import os
@@ -42,6 +43,28 @@ def long_lived_setup():
         gc.freeze()
         if was_enabled:
             gc.enable()
+
+
+# glibc's malloc hands a large block (above a threshold that adapts up to 32 MiB) back to
+# the OS when it is freed, and maps a new one, zeroed page by page, when it is next asked
+# for. A CNN's activations are such blocks (resnet18's first layer: 67 MiB at batch 16,
+# 256 px), so every forward pass on CPU faulted them all in again.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h
+KEEP_FREED_BYTES = 256 * 2**20
+
+
+def keep_freed_memory_for_reuse() -> bool:
+    """Have glibc's malloc serve blocks of up to 256 MiB from its heap and keep up to
+    256 MiB that is freed, for the next batch. Measured on 2 cores on 2026-12-05 (decode
+    and resnet18 at 256 px, batch 16, one thread): 89-98 -> 75-77 ms of CPU per image,
+    page faults 1.3-1.6 M -> 0.3 M. The cost: a process keeps up to 256 MiB it has
+    freed. Call it once in a process that runs a model on CPU; returns False (and does
+    nothing) where the C library is not glibc."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the C library the process runs on
+    except AttributeError:  # not glibc (musl has one that does nothing, and says so)
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, KEEP_FREED_BYTES) and mallopt(M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
 
 
 def is_verbose(flag: bool = False) -> bool:

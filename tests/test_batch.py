@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import io
 import json
+import platform
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -484,6 +486,42 @@ def test_a_model_actor_freezes_its_model_and_imports(tiny_checkpoint):
         assert stage.predictor.num_classes > 0
     finally:
         gc.unfreeze()
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc's malloc")
+def test_a_cpu_model_actor_keeps_freed_memory_for_the_next_batch(tiny_checkpoint):
+    # In a fresh process (glibc's mallinfo2 counts what malloc holds): with glibc's defaults a
+    # 64 MiB block is mapped on its own and unmapped when freed, so the next batch faults it
+    # in again; once a CPU model actor has started it comes from the heap and stays there.
+    script = textwrap.dedent(f"""
+        import ctypes
+        import numpy as np
+
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [(name, ctypes.c_size_t) for name in (
+                "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                "keepcost")]
+
+        mallinfo2 = ctypes.CDLL(None).mallinfo2
+        mallinfo2.restype = MallInfo2
+
+        def block_of_64_mib():
+            before = mallinfo2()
+            block = np.ones(64 * 2**20, np.uint8)
+            mapped_alone = (mallinfo2().hblkhd - before.hblkhd) >> 20
+            del block
+            return mapped_alone, mallinfo2().fordblks >> 20  # MiB mapped for it; MiB free in the heap after
+
+        defaults = block_of_64_mib()
+        from protein_ray.scoring.pipeline import ModelStage
+        ModelStage({str(tiny_checkpoint)!r}, tta=False, threads=1, actors=1, embeddings=False)
+        print(*defaults, *block_of_64_mib())
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    mapped_alone, _, mapped_alone_in_actor, kept_in_actor = map(int, run.stdout.split()[-4:])
+    assert mapped_alone == 64
+    assert mapped_alone_in_actor == 0 and kept_in_actor >= 64
 
 
 def test_chunk_work_splits_chunks_into_items_that_never_cross_a_chunk():

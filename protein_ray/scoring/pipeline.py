@@ -11,7 +11,7 @@ import ray
 import ray.data
 
 from protein_ray.imaging import Preprocessing
-from protein_ray.runtime import long_lived_setup
+from protein_ray.runtime import KEEP_FREED_BYTES, keep_freed_memory_for_reuse, long_lived_setup
 from protein_ray.scoring.decode import decode_chunks
 from protein_ray.scoring.options import PredictJobError, PredictOptions
 
@@ -20,7 +20,7 @@ class ModelStage:
     """Ray Data callable class: the model, loaded once per actor, on its GPU if it has one."""
 
     def __init__(self, checkpoint: str, tta: bool, threads: int | None, actors: int, embeddings: bool):
-        # torch and timm are imported here, not with this module, to import them as long-lived set-up.
+        # timm (through the predictor) is imported here, not with this module, to import it as long-lived set-up.
         with long_lived_setup():
             import torch
 
@@ -28,6 +28,7 @@ class ModelStage:
 
             self.predictor = Predictor(checkpoint, tta=tta)
         if self.predictor.device.type == "cpu":
+            keep_freed_memory_for_reuse()
             # Ray starts actors with one thread per reserved CPU; the model is the slow
             # stage on CPU, so by default it gets the node's cores (shared by the actors).
             torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // actors))
@@ -113,6 +114,8 @@ def plan_resources(options: PredictOptions, cluster: dict, checkpoint_bytes: int
     # Room for the weights (and their copy while loading) and a batch with its TTA views.
     batch_bytes = options.batch_size * spec.channels * spec.image_size**2 * 4 * (5 if options.tta else 2)
     memory = 3 * checkpoint_bytes + batch_bytes + 768 * 2**20  # torch and timm alone take ~500 MB
+    if num_gpus == 0:
+        memory += KEEP_FREED_BYTES  # a CPU actor keeps freed memory for its next batch
     return Resources(actors, num_gpus, options.cpus_per_actor, int(memory), decode_in_actors)
 
 
