@@ -11,7 +11,7 @@ import ray
 import ray.data
 
 from protein_ray.imaging import Preprocessing
-from protein_ray.runtime import KEEP_FREED_BYTES, keep_freed_memory_for_reuse, long_lived_setup
+from protein_ray.runtime import HEAP_GROWTH_BYTES, keep_freed_memory_for_reuse, long_lived_setup
 from protein_ray.scoring.decode import decode_chunks
 from protein_ray.scoring.options import PredictJobError, PredictOptions
 
@@ -115,7 +115,7 @@ def plan_resources(options: PredictOptions, cluster: dict, checkpoint_bytes: int
     batch_bytes = options.batch_size * spec.channels * spec.image_size**2 * 4 * (5 if options.tta else 2)
     memory = 3 * checkpoint_bytes + batch_bytes + 768 * 2**20  # torch and timm alone take ~500 MB
     if num_gpus == 0:
-        memory += KEEP_FREED_BYTES  # a CPU actor keeps freed memory for its next batch
+        memory += HEAP_GROWTH_BYTES  # a CPU actor keeps freed memory for its next batch
     return Resources(actors, num_gpus, options.cpus_per_actor, int(memory), decode_in_actors)
 
 
