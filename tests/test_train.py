@@ -109,7 +109,10 @@ def test_smoke_training_learns(smoke_run):
     assert [r["epoch"] for r in records] == [0, 1, 2]
     assert records[-1]["train_loss"] < records[0]["train_loss"]
     best_card = read_model_card(best)
-    assert best_card.metrics["macro_f1"] > best_card.metrics["label_prior_macro_f1"] + 0.05
+    # The smoke run's order of batches across its two workers varies, and so does its best
+    # macro F1: prior + 0.043 to + 0.085 in three runs on 2026-12-05 (+ 0.049 failed the old
+    # margin of 0.05); a model that cannot learn (lr 1e-9) reached prior + 0.010.
+    assert best_card.metrics["macro_f1"] > best_card.metrics["label_prior_macro_f1"] + 0.03
     assert best_card.metrics["macro_f1"] == max(r["macro_f1"] for r in records)
     run_dir = Path(config.run.storage_path) / config.run.name
     assert {"curves.png", "classes.png", "config.yaml", "history.jsonl"} <= {p.name for p in run_dir.iterdir()}
