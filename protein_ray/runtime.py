@@ -66,7 +66,7 @@ def keep_freed_memory_for_reuse() -> bool:
     where the C library is not glibc."""
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the C library the process runs on
-    except AttributeError:  # not glibc (musl has one that does nothing, and says so)
+    except (AttributeError, OSError, TypeError):  # not glibc (musl's does nothing, and says so); Windows has no CDLL(None)
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, KEEP_FREED_BYTES) and mallopt(M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
 
