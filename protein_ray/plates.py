@@ -178,30 +178,41 @@ def _font(size: int):
     return ImageFont.load_default(size)
 
 
+@functools.cache
+def _grid_labels(rows: int, columns: int, cell: int):
+    """A plate panel's white frame with its row letters and column numbers, drawn once per
+    plate format (cached: paste it, do not draw on it); a screen's heatmaps would
+    otherwise draw the same 40 labels on every panel."""
+    from PIL import Image, ImageDraw
+
+    font, left, top = _font(HEATMAP_FONT_PX), 2 * HEATMAP_FONT_PX, PANEL_GRID_TOP
+    frame = Image.new("RGB", (left + columns * cell, top + rows * cell + 4), "white")
+    draw = ImageDraw.Draw(frame)
+    for column in range(columns):
+        draw.text((left + column * cell + cell // 2, top - 2), str(column + 1), fill="black", font=font, anchor="md")
+    for row in range(rows):
+        draw.text((left - 4, top + row * cell + cell // 2), chr(ord("A") + row), fill="black", font=font, anchor="rm")
+    return frame
+
+
 def plate_panel(grid: np.ndarray, title: str, cell: int):
     """A PIL image of one plate's grid as the physical plate: row A at the top, column 1
     on the left, labelled, under ``title``."""
     from PIL import Image, ImageDraw
 
-    rows, columns = grid.shape
-    title_font, label_font = _font(HEATMAP_FONT_PX + 1), _font(HEATMAP_FONT_PX)
-    left, top = 2 * HEATMAP_FONT_PX, PANEL_GRID_TOP
-    width = max(left + columns * cell, int(title_font.getlength(title)) + left) + 4
-    panel = Image.new("RGB", (width, top + rows * cell + 4), "white")
-    panel.paste(Image.fromarray(well_mosaic(grid, cell)), (left, top))
-    draw = ImageDraw.Draw(panel)
-    draw.text((left, 2), title, fill="black", font=title_font)
-    for column in range(columns):
-        draw.text((left + column * cell + cell // 2, top - 2), str(column + 1), fill="black", font=label_font,
-                  anchor="md")
-    for row in range(rows):
-        draw.text((left - 4, top + row * cell + cell // 2), chr(ord("A") + row), fill="black", font=label_font,
-                  anchor="rm")
+    title_font, left = _font(HEATMAP_FONT_PX + 1), 2 * HEATMAP_FONT_PX
+    labels = _grid_labels(*grid.shape, cell)
+    panel = Image.new("RGB", (max(labels.width, int(title_font.getlength(title)) + left) + 4, labels.height), "white")
+    panel.paste(labels, (0, 0))
+    panel.paste(Image.fromarray(well_mosaic(grid, cell)), (left, PANEL_GRID_TOP))
+    ImageDraw.Draw(panel).text((left, 2), title, fill="black", font=title_font)
     return panel
 
 
+@functools.cache
 def colour_bar(height: int):
-    """The 0..1 viridis scale (1 at the top) with ticks, and the grey of wells with no scored field."""
+    """The 0..1 viridis scale (1 at the top) with ticks, and the grey of wells with no scored
+    field (cached, as every picture of a plate format has the same: paste it, do not draw on it)."""
     from PIL import Image, ImageDraw
 
     font, bar_width, pad = _font(HEATMAP_FONT_PX), 14, HEATMAP_FONT_PX // 2  # pad: room for the top tick's label
@@ -244,7 +255,9 @@ def overview_picture(panels: list, title: str, grid_height: int):
 
 def _png(picture) -> bytes:
     buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
+    # zlib's fastest level: a screen's heatmaps are hundreds of pictures of flat colour.
+    # Measured on 2026-12-05 (88 pictures of 8 plates): 1.6 -> 1.0 s, 0.82 -> 1.03 MB.
+    picture.save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
 
 

@@ -124,25 +124,30 @@ def heatmap_svg(plate_wells: pd.DataFrame, key: str, shape: tuple[int, int]) -> 
     top, column 1 on the left, coloured by ``mean_prob_<key>``; N/P mark the controls."""
     cell = 14 if shape[0] <= 8 else 8  # px per well: a 384-well plate stays about as wide as a 96-well one
     left, top, font = 16, 12, min(8.0, cell * 0.75)
-    records = {parse_well(w): row for w, row in zip(plate_wells["well"], plate_wells.to_dict("records"))}
+    # Columns as lists, colours in one lookup: a screen's report draws a rect per well and class.
+    means = [np.nan if _missing(m) else float(m) for m in _column(plate_wells, f"mean_prob_{key}")]
+    wells = [(fill, mean, z, "" if _missing(role) else str(role)) for fill, mean, z, role in
+             zip(_viridis(means), means, _column(plate_wells, f"robust_z_{key}"), _column(plate_wells, "role"))]
+    at = {parse_well(w): well for w, well in zip(plate_wells["well"], wells)}
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + shape[1] * cell + 2}" '
              f'height="{top + shape[0] * cell + 2}" font-size="{font}">']
     parts += [f'<text x="{left + c * cell + cell / 2}" y="{top - 3}" text-anchor="middle">{c + 1}</text>'
               for c in range(shape[1])]
     parts += [f'<text x="{left - 3}" y="{top + r * cell + cell / 2 + font / 3:.1f}" text-anchor="end">'
               f'{chr(ord("A") + r)}</text>' for r in range(shape[0])]
-    parts += [_well_rect(records.get((r, c)), key, f"{chr(ord('A') + r)}{c + 1:02d}", left + c * cell, top + r * cell,
-                         cell, font) for r, c in np.ndindex(*shape)]
+    parts += [_well_rect(at.get((r, c)), f"{chr(ord('A') + r)}{c + 1:02d}", left + c * cell, top + r * cell, cell,
+                         font) for r, c in np.ndindex(*shape)]
     return "".join(parts) + "</svg>"
 
 
-def _well_rect(record: dict | None, key: str, name: str, x: int, y: int, cell: int, font: float) -> str:
-    """A well's rect with its tooltip; grey with "no data" for a position nobody mentions."""
-    mean, role = (record or {}).get(f"mean_prob_{key}"), (record or {}).get("role")
-    role = "" if _missing(role) else str(role)
-    fill = _viridis([np.nan if _missing(mean) else mean])[0]
-    title = f"{name}: no data" if record is None else \
-        f"{name} · {_e(role) or 'no role'} · mean {_num(mean)} · robust z {_num(record.get(f'robust_z_{key}'))}"
+def _well_rect(well: tuple | None, name: str, x: int, y: int, cell: int, font: float) -> str:
+    """A well's rect with its tooltip; ``well`` is (fill, mean, robust z, role), None for
+    a position nobody mentions (grey, "no data")."""
+    if well is None:
+        return (f'<rect class="well" data-well="{name}" x="{x}" y="{y}" width="{cell - 1}" height="{cell - 1}" '
+                f'fill="{NO_DATA}"><title>{name}: no data</title></rect>')
+    fill, mean, z, role = well
+    title = f"{name} · {_e(role) or 'no role'} · mean {_num(mean)} · robust z {_num(z)}"
     mark = CONTROL_MARK.get(role)
     outline = f' stroke="#d62728" stroke-width="{1.5 if cell > 10 else 1}"' if mark else ""
     text = (f'<text class="ctl" x="{x + (cell - 1) / 2}" y="{y + cell / 2 + font / 3:.1f}" text-anchor="middle" '
@@ -303,15 +308,20 @@ def rank_top_wells(wells: pd.DataFrame, key: str, count: int) -> pd.DataFrame:
     return samples[samples[column].notna()].sort_values(column, ascending=False).head(count)
 
 
-def _best_fields(predictions: pd.DataFrame, plate, well, key: str) -> pd.DataFrame:
-    scored = predictions[(predictions["plate"] == plate) & (predictions["well"] == well) & predictions["error"].isna()]
-    return scored.sort_values(f"prob_{key}", ascending=False).head(FIELDS_PER_WELL)
+def _best_fields(predictions: pd.DataFrame, picks: dict[str, pd.DataFrame]) -> dict[tuple, pd.DataFrame]:
+    """(key, plate, well) -> the well's scored fields most probable for the class ``key``,
+    for each well picked for it. Grouped once: a screen has tens of picks and a million fields."""
+    wanted = {(plate, well) for top in picks.values() for plate, well in zip(top["plate"], top["well"])}
+    scored = predictions[predictions["error"].isna()]
+    in_picked = [(plate, well) in wanted for plate, well in zip(scored["plate"], scored["well"])]
+    by_well = dict(list(scored[in_picked].groupby(["plate", "well"], sort=False)))
+    return {(key, plate, well): by_well.get((plate, well), scored.iloc[:0]).sort_values(f"prob_{key}", ascending=False)
+            .head(FIELDS_PER_WELL) for key, top in picks.items() for plate, well in zip(top["plate"], top["well"])}
 
 
 def top_wells_section(wells, predictions, classes, keys, load_fields, count) -> str:
     picks = {key: rank_top_wells(wells, key, count) for key in keys}
-    fields = {(key, row["plate"], row["well"]): _best_fields(predictions, row["plate"], row["well"], key)
-              for key, top in picks.items() for row in top.to_dict("records")}
+    fields = _best_fields(predictions, picks)
     ids = sorted({str(i) for chosen in fields.values() for i in chosen["image_id"]})
     thumbs = _load_thumbnails(load_fields, ids)
     extra = [c for c in wells.columns if c not in WELL_COLUMNS and not c.startswith(WELL_PREFIXES)]

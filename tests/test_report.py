@@ -202,6 +202,21 @@ def test_top_wells_show_thumbnails_only_when_fields_can_be_loaded():
     assert "data:image" not in report(None)
 
 
+def test_a_top_well_shows_its_most_probable_scored_fields_first():
+    wells = make_wells()
+    predictions = make_predictions(wells)  # B07: field 1 at 1.0, field 2 at 0.9 for the first class
+    b07 = predictions[predictions["image_id"] == "PL1_B07_f1"].iloc[0].to_dict()
+    more = [b07 | {"image_id": "PL1_B07_f3", "field": 3, f"prob_{KEYS[0]}": 0.95},
+            b07 | {"image_id": "PL1_B07_f4", "field": 4, f"prob_{KEYS[0]}": 0.5},  # fourth best: not shown
+            b07 | {"image_id": "PL1_B07_f5", "field": 5, f"prob_{KEYS[0]}": 0.99, "error": "truncated"}]
+    page = render_report(pd.concat([predictions, pd.DataFrame(more)], ignore_index=True), wells, make_plates(),
+                         CLASSES, STAINS)
+    first_class = page[page.index("<h2>Top wells per class"):].split("<h3>")[1]
+    row = next(row for row in first_class.split("<tr>") if "<td class=t>B07</td>" in row)
+    assert re.findall(r"(PL1_B07_f\d): ([\d.]+)</figcaption>", row) == [
+        ("PL1_B07_f1", "1.00"), ("PL1_B07_f3", "0.95"), ("PL1_B07_f2", "0.90")]
+
+
 def test_a_failed_field_load_costs_its_thumbnails_not_the_others():
     from protein_ray.report import _load_thumbnails
 
