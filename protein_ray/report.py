@@ -143,11 +143,9 @@ def heatmap_svg(plate_wells: pd.DataFrame, key: str, shape: tuple[int, int]) -> 
 def _well_rect(well: tuple | None, name: str, x: int, y: int, cell: int, font: float) -> str:
     """A well's rect with its tooltip; ``well`` is (fill, mean, robust z, role), None for
     a position nobody mentions (grey, "no data")."""
-    if well is None:
-        return (f'<rect class="well" data-well="{name}" x="{x}" y="{y}" width="{cell - 1}" height="{cell - 1}" '
-                f'fill="{NO_DATA}"><title>{name}: no data</title></rect>')
-    fill, mean, z, role = well
-    title = f"{name} · {_e(role) or 'no role'} · mean {_num(mean)} · robust z {_num(z)}"
+    fill, mean, z, role = well or (NO_DATA, None, None, "")
+    title = f"{name}: no data" if well is None else \
+        f"{name} · {_e(role) or 'no role'} · mean {_num(mean)} · robust z {_num(z)}"
     mark = CONTROL_MARK.get(role)
     outline = f' stroke="#d62728" stroke-width="{1.5 if cell > 10 else 1}"' if mark else ""
     text = (f'<text class="ctl" x="{x + (cell - 1) / 2}" y="{y + cell / 2 + font / 3:.1f}" text-anchor="middle" '
@@ -314,7 +312,7 @@ def _best_fields(predictions: pd.DataFrame, picks: dict[str, pd.DataFrame]) -> d
     wanted = {(plate, well) for top in picks.values() for plate, well in zip(top["plate"], top["well"])}
     scored = predictions[predictions["error"].isna()]
     in_picked = [(plate, well) in wanted for plate, well in zip(scored["plate"], scored["well"])]
-    by_well = dict(list(scored[in_picked].groupby(["plate", "well"], sort=False)))
+    by_well = dict(iter(scored[in_picked].groupby(["plate", "well"], sort=False)))
     return {(key, plate, well): by_well.get((plate, well), scored.iloc[:0]).sort_values(f"prob_{key}", ascending=False)
             .head(FIELDS_PER_WELL) for key, top in picks.items() for plate, well in zip(top["plate"], top["well"])}
 
