@@ -474,7 +474,7 @@ def test_a_model_actor_freezes_its_model_and_imports(tiny_checkpoint):
 
     import torch
 
-    from protein_ray.scoring.pipeline import ModelStage
+    from protein_ray.scoring.stages import ModelStage
 
     gc.unfreeze()
     try:
@@ -486,6 +486,31 @@ def test_a_model_actor_freezes_its_model_and_imports(tiny_checkpoint):
         assert stage.predictor.num_classes > 0
     finally:
         gc.unfreeze()
+
+
+def test_a_model_actor_imports_torch_timm_and_the_decoder_with_the_collector_paused(tiny_checkpoint):
+    # In a fresh process with ray.data imported, as a Ray Data actor is when it unpickles
+    # its class: the stage's module must not import torch, so that its __init__ does,
+    # as long-lived set-up (with torch imported at module level: 351 collections).
+    script = textwrap.dedent(f"""
+        import gc, sys
+        import ray.data
+
+        collections_after_torch = []
+        gc.callbacks.append(lambda phase, info: collections_after_torch.append(1)
+                            if phase == "start" and "torch" in sys.modules else None)
+        from protein_ray.scoring.stages import DecodeAndModelStage
+        light = "torch" not in sys.modules
+        # The decode arguments are only used per batch.
+        stage = DecodeAndModelStage({{}}, checkpoint={str(tiny_checkpoint)!r}, tta=False, threads=1, actors=1,
+                                    embeddings=False)
+        print(light, len(collections_after_torch), "timm" in sys.modules, stage.predictor.num_classes)
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    light, collections, timm_imported, num_classes = run.stdout.split()[-4:]
+    assert light == "True" and timm_imported == "True" and int(num_classes) > 0
+    assert collections == "0"
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc's malloc")
@@ -513,7 +538,7 @@ def test_a_cpu_model_actor_keeps_freed_memory_for_the_next_batch(tiny_checkpoint
             return mapped_alone, mallinfo2().fordblks >> 20  # MiB mapped for it; MiB free in the heap after
 
         defaults = block_of_64_mib()
-        from protein_ray.scoring.pipeline import ModelStage
+        from protein_ray.scoring.stages import ModelStage
         ModelStage({str(tiny_checkpoint)!r}, tta=False, threads=1, actors=1, embeddings=False)
         print(*defaults, *block_of_64_mib())
     """)

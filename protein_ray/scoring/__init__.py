@@ -7,6 +7,7 @@
     decode     chunk -> read + decode + preprocess     (Ray tasks: scale with CPUs)
     pipeline   -> model                                (actor pool: a Predictor each;
                without GPUs the actors decode their own batches, no decode tasks)
+    stages     the actors' classes: light to import, the model loaded in __init__
     parts      rows of a chunk complete -> parts/part-<chunk>.parquet (atomic)
     outputs    all parts -> predictions, wells, heatmaps, submission.csv, embeddings
     job        the driver: options -> index -> pipeline -> outputs -> summary.json

@@ -1,7 +1,7 @@
 """The decode stage: chunks of index rows -> preprocessed pixels or an error per row.
 
 Runs in Ray tasks (scales with CPU count, on any node) that feed GPU actors, or in the
-CPU model actors themselves (``pipeline.DecodeAndModelStage``). Reads go through a thread
+CPU model actors themselves (``stages.DecodeAndModelStage``). Reads go through a thread
 pool, which hides S3 latency and is harmless on local disk; shard files are read
 only in the row groups a chunk needs.
 """
