@@ -187,11 +187,9 @@ def _decode_with_pillow(data: bytes, max_pixels: int) -> np.ndarray:
         raise ImageDecodeError("too_large", str(error)) from None
     except (OSError, SyntaxError, ValueError) as error:  # a header cut short: Pillow's "Truncated File Read"
         raise ImageDecodeError("truncated", f"image header is truncated or corrupt ({error})") from None
-    bytes_per_band = {"I;16": 2, "I;16B": 2, "I;16L": 2, "I": 4, "F": 4}.get(image.mode, 1)
-    # A 16-bit RGB(A) PNG opens as 8-bit "RGB"; its IHDR says the real depth.
-    if image.format == "PNG" and data[24:25] == b"\x10":
-        bytes_per_band = 2
-    _check_decode_size(image.width * image.height, len(image.getbands()), bytes_per_band, max_pixels)
+    # Pillow's images hold at most 4 samples of 2 bytes (or 1 of 4) per pixel, within the
+    # byte budget of ``max_pixels`` pixels: only the pixel count can refuse one.
+    _check_decode_size(image.width * image.height, 1, 1, max_pixels)
     if image.format == "PNG" and image.mode in FAST_PNG_MODES:
         return _decode_png(data)
     try:
