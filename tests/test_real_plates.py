@@ -59,6 +59,14 @@ def test_imagexpress_export_gives_one_row_per_field_with_stains_in_model_order(i
     assert reasons.count("not an image by name)") == 4  # .HTD, plate_map.csv, ground_truth.csv, synthetic.json
 
 
+def test_an_imagexpress_well_without_its_zero_is_the_same_well(tmp_path):
+    # MetaXpress pads wells (B07); files renamed by hand or by other tools often do not (B7).
+    for name in ("P1_B7_s1_w1.TIF", "P1_B07_s2_w1.TIF"):
+        (tmp_path / name).write_bytes(encode(np.zeros((8, 8), np.uint16), "TIFF"))
+    rows, skipped = image_folder_index(str(tmp_path), rgby_options())
+    assert sorted(zip(rows["well"], rows["field"])) == [("B07", 1), ("B07", 2)] and skipped == []
+
+
 def test_phenix_export_takes_the_plate_from_the_folder_and_wells_from_row_and_column(phenix):
     rows, skipped = image_folder_index(phenix["out"], rgby_options())
     assert sorted(rows["image_id"]) == [f"P001/Images/P001_{w}_f{f}_p1" for w in WELLS for f in (1, 2)]
