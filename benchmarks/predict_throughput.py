@@ -308,11 +308,12 @@ def print_report(limit: dict, a: float, b: float, jobs: list[dict]) -> None:
     print(f"(b) PyTorch DataLoader loop         : {b:7.2f} images/s   ({b / rate:.2f} of the limit)")
     print("\n(c) each job against the limit measured just before and after it (limit/s: the mean); over the "
           "limit: seconds beyond images / limit")
-    print(f"    {'images':>6} {'seconds':>8} {'limit/s':>8} {'images/s':>9} {'/limit':>7} {'over limit s':>13} "
+    print(f"    {'images':>6} {'seconds':>8} {'limit/s':>8} {'drift':>6} {'images/s':>9} {'/limit':>7} {'over limit s':>13} "
           f"{'first part s':>13} {'steady/s':>9} {'/limit':>7} {'outputs s':>10} {'peak RSS':>10}")
     for job in jobs:
         e2e = job["images"] / job["seconds"]
-        print(f"    {job['images']:6d} {job['seconds']:8.1f} {job['limit']:8.2f} {e2e:9.2f} {e2e / job['limit']:7.2f} "
+        print(f"    {job['images']:6d} {job['seconds']:8.1f} {job['limit']:8.2f} {limit_drift(job):6.0%} {e2e:9.2f} "
+              f"{e2e / job['limit']:7.2f} "
               f"{job['seconds'] - job['images'] / job['limit']:13.1f} {job['until first part']:13.1f} "
               f"{job['steady']:9.2f} {job['steady'] / job['limit']:7.2f} {job['outputs']:10.1f} {gib(job['rss']):>10}")
     if len(jobs) > 1:
@@ -324,6 +325,13 @@ def print_report(limit: dict, a: float, b: float, jobs: list[dict]) -> None:
     print(f"(c) on {largest['images']} images: end to end {largest['images'] / largest['seconds'] / largest['limit']:.2f} "
           f"of the limit, steady {largest['steady'] / largest['limit']:.2f} of the limit; c/b end to end "
           f"{largest['images'] / largest['seconds'] / b:.2f} (b measured at the start)")
+    print(f"(c) the limit moved by up to {max(map(limit_drift, jobs)):.0%} between a job's two measurements (drift): "
+          "the host's speed changes under the jobs too, so a ratio is no surer than that")
+
+
+def limit_drift(job: dict) -> float:
+    """How far the limit moved across a job, as a fraction of its mean."""
+    return abs(job["limit after"] - job["limit before"]) / job["limit"]
 
 
 # The CPU layouts the job can run: the default, and what --actors/--decode-tasks select.
