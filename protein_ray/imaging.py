@@ -189,7 +189,7 @@ def _decode_with_pillow(data: bytes, max_pixels: int) -> np.ndarray:
         raise ImageDecodeError("truncated", f"image header is truncated or corrupt ({error})") from None
     # Pillow's images hold at most 4 samples of 2 bytes (or 1 of 4) per pixel, within the
     # byte budget of ``max_pixels`` pixels: only the pixel count can refuse one.
-    _check_decode_size(image.width * image.height, 1, 1, max_pixels)
+    _check_pixel_count(image.width * image.height, max_pixels)
     if image.format == "PNG" and image.mode in FAST_PNG_MODES:
         return _decode_png(data)
     try:
@@ -221,12 +221,17 @@ def _decode_png(data: bytes) -> np.ndarray:
         raise ImageDecodeError("truncated", f"image data is truncated or corrupt ({error})") from None
 
 
+def _check_pixel_count(pixels: int, max_pixels: int) -> None:
+    """Refuse, before any pixel is allocated, an image with too many pixels."""
+    if pixels > max_pixels:
+        raise ImageDecodeError("too_large", f"image has {pixels:,} pixels; the limit is {max_pixels:,}")
+
+
 def _check_decode_size(pixels: int, samples: int, itemsize: int, max_pixels: int) -> None:
     """Refuse, before any pixel is allocated, an image with too many pixels, or whose
     samples (stains, planes) and sample size make its decoded array larger than the
     largest image allowed: ``max_pixels`` of 4 samples (RGBA) at 16 bits."""
-    if pixels > max_pixels:
-        raise ImageDecodeError("too_large", f"image has {pixels:,} pixels; the limit is {max_pixels:,}")
+    _check_pixel_count(pixels, max_pixels)
     needed, budget = pixels * samples * itemsize, max_pixels * MAX_BYTES_PER_PIXEL
     if needed > budget:
         raise ImageDecodeError(
