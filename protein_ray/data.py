@@ -12,11 +12,14 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
+import os
 import posixpath
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import PurePosixPath
+from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -127,7 +130,23 @@ def dataset_of(index: InputIndex, check_headers: bool = False):
         raise DataSourceError("an input mixing shards and image files cannot be read as one dataset")
     shard_files = index.rows["shard_file"].unique().tolist()
     fs, _ = storage.resolve(shard_files[0])
-    return ray.data.read_parquet([storage.resolve(f)[1] for f in shard_files], filesystem=fs, schema=shards.SCHEMA)
+    with mock.patch.dict(os.environ, {FOOTER_ACTORS_ENV: footer_actors(len(shard_files))}):
+        return ray.data.read_parquet([storage.resolve(f)[1] for f in shard_files], filesystem=fs, schema=shards.SCHEMA)
+
+
+# Ray Data (2.60) reads Parquet footers on a pool of actors that ``read_parquet`` sizes
+# from this variable when it plans the read: 32 by default, whatever the number of files.
+FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+FILES_PER_FOOTER_BATCH = 10  # Ray's batch of footers per actor call
+
+
+def footer_actors(files: int) -> str:
+    """One footer-reading actor per batch of files, unless the user set the pool size.
+
+    Each actor is a new worker process, so the default 32 cost ~4 s of a 2-core node on
+    every read of a single shard file (measured: 5.3-5.8 s against 1.6-1.8 s with one);
+    actors beyond the number of batches get no footer to read."""
+    return os.environ.get(FOOTER_ACTORS_ENV) or str(min(32, math.ceil(files / FILES_PER_FOOTER_BATCH)))
 
 
 # ---------------------------------------------------------------- shards ------

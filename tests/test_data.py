@@ -10,7 +10,7 @@ import tifffile
 from PIL import Image
 
 from protein_ray import storage
-from protein_ray.data import dataset_of, stratified_split, write_shards
+from protein_ray.data import FOOTER_ACTORS_ENV, dataset_of, footer_actors, stratified_split, write_shards
 from protein_ray.folders import image_folder_index
 from protein_ray.inputs import kaggle_index, resolve_input
 from protein_ray.labels import LabelError
@@ -72,6 +72,25 @@ def test_kaggle_shards_round_trip_locally(ray_session, tmp_path):
     assert manifest["class_frequency"]["train"]["Nucleoplasm"] == pytest.approx(6 / 20)
     assert len(list((tmp_path / "shards" / "train").glob("*.parquet"))) >= 3  # 20 rows, 8 per file
     assert not (tmp_path / "shards" / INCOMPLETE_MARKER).exists()
+
+
+def footer_readers_planned(dataset) -> int:
+    """The size of the footer-reading actor pool Ray Data planned for a Parquet read
+    (Ray 2.60 internals: the ListFiles operator's indexer)."""
+    operator = dataset._logical_plan.dag
+    while not hasattr(operator, "file_indexer"):
+        operator = operator.input_dependencies[0]
+    return operator.file_indexer._num_actors
+
+
+def test_a_shard_read_plans_one_footer_reader_per_ten_files_unless_the_user_sets_it(ray_session, tmp_path,
+                                                                                    monkeypatch):
+    root = make_kaggle_root(tmp_path / "kaggle")
+    write_shards(str(root), str(tmp_path / "shards"), rows_per_file=8)  # 3 train files
+    assert footer_readers_planned(read_shards(str(tmp_path / "shards"), "train")) == 1  # Ray's default is 32
+    assert [footer_actors(n) for n in (1, 10, 11, 320, 5000)] == ["1", "1", "2", "32", "32"]
+    monkeypatch.setenv(FOOTER_ACTORS_ENV, "4")
+    assert footer_readers_planned(read_shards(str(tmp_path / "shards"), "train")) == 4
 
 
 @pytest.mark.s3
