@@ -130,6 +130,7 @@ def dataset_of(index: InputIndex, check_headers: bool = False):
         raise DataSourceError("an input mixing shards and image files cannot be read as one dataset")
     shard_files = index.rows["shard_file"].unique().tolist()
     fs, _ = storage.resolve(shard_files[0])
+    # Set only while the read is planned; patch.dict puts the environment back as it was.
     with mock.patch.dict(os.environ, {FOOTER_ACTORS_ENV: footer_actors(len(shard_files))}):
         return ray.data.read_parquet([storage.resolve(f)[1] for f in shard_files], filesystem=fs, schema=shards.SCHEMA)
 
