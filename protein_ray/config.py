@@ -47,8 +47,13 @@ class DataConfig:
     # A run fails if more than this fraction of training images cannot be decoded.
     max_bad_fraction: float = 0.01
     # Decode once and keep the decoded images in Ray's object store when they fit in
-    # this many GiB (images x 3 x image_size^2 x 4 bytes); 0 decodes every epoch.
+    # this many GiB (images x stains x image_size^2 x 1 byte when every stain is 8-bit,
+    # else 2); 0 decodes every epoch.
     cache_decoded_gib: float = 4.0
+    # Each training worker draws its batches at random from a buffer of this many decoded
+    # images, afresh each epoch (memory: this many x stains x image_size^2 x 1 or 2 bytes).
+    # 0 keeps the input's order, which for a plate folder is well by well.
+    shuffle_buffer: int = 1024
 
 
 @dataclass
@@ -177,6 +182,7 @@ def validate(config: TrainingConfig) -> None:
         (0 <= config.data.max_bad_fraction < 1, "data.max_bad_fraction must be in [0, 1)"),
         (config.data.synthetic_train >= 20, "data.synthetic_train must be at least 20"),
         (config.data.bit_depth == 0 or 8 <= config.data.bit_depth <= 16, "data.bit_depth must be 0 or 8..16"),
+        (config.data.shuffle_buffer >= 0, "data.shuffle_buffer must be 0 (off) or a number of images"),
         (config.optim.epochs >= 1, "optim.epochs must be at least 1"),
         (config.optim.batch_size >= 2, "optim.batch_size must be at least 2 (batch norm needs 2)"),
         (config.optim.lr > 0, "optim.lr must be positive"),

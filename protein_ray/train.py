@@ -92,6 +92,18 @@ def predict_batches(model, batches, device, autocast) -> tuple[np.ndarray, np.nd
     return np.concatenate(probs), np.concatenate(targets)
 
 
+def training_batches(shard, job: TrainJob, epoch: int, rank: int):
+    """One epoch of augmented training batches from this worker's shard, drawn at random
+    from a buffer of ``data.shuffle_buffer`` images with a seed of its own per run seed,
+    epoch and rank. Without it every epoch repeats the input's order: for a plate folder,
+    well after well, so a batch holds the fields of a few wells and so does the next."""
+    optim, buffer = job.config.optim, job.config.data.shuffle_buffer
+    seed = int(np.random.SeedSequence([optim.seed, epoch, rank]).generate_state(1)[0])
+    return shard.iter_torch_batches(batch_size=optim.batch_size, collate_fn=BatchCollator(job.preprocessing, augment=True),
+                                    local_shuffle_buffer_size=max(buffer, optim.batch_size) if buffer else None,
+                                    local_shuffle_seed=seed if buffer else None)
+
+
 def gather_sum(values: list[float]) -> list[float]:
     """Sum small per-worker counters across the process group (gloo or NCCL)."""
     if not torch.distributed.is_initialized():
@@ -196,8 +208,7 @@ def train_loop_per_worker(job: TrainJob) -> None:
     val_data = ray.train.get_dataset_shard("val")
     started = time.perf_counter()
     for epoch in range(start_epoch, optim.epochs):
-        batches = train_shard.iter_torch_batches(batch_size=optim.batch_size,
-                                                 collate_fn=BatchCollator(job.preprocessing, augment=True))
+        batches = training_batches(train_shard, job, epoch, rank)
         stats = train_one_epoch(model, batches, optimizer, scheduler, optim, device, autocast, scaler)
         loss_sum, seen, bad, seconds, skipped = gather_sum(
             [stats["loss_sum"], stats["seen"], stats["bad"], stats["seconds"], stats["skipped_steps"]])

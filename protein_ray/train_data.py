@@ -180,4 +180,9 @@ def prepare_datasets(config: TrainingConfig) -> tuple[dict, int, int, Preprocess
     mean, std = (spec.mean, spec.std) if spec.mean and spec.std else measure_channel_stats(train)
     logger.info("data: %d train / %d validation images; decoded %s; channel mean %s, std %s", len(train_ids),
                 len(val_ids), f"once and cached ({gib:.2f} GiB)" if cache else "every epoch", mean, std)
+    if cache:
+        # A new order of the cached blocks each epoch (it only reorders references: no tasks,
+        # no copies); the workers shuffle rows within their buffers. On a stream it would
+        # hold the whole decoded set at once, so a stream keeps its order.
+        train = train.randomize_block_order()
     return {"train": train, "val": val}, len(train_ids), bad, Preprocessing(size, mean, std, decode_spec.stains)

@@ -50,6 +50,7 @@ def test_overrides_are_typed():
         ("optim.learning_rate=0.1", "unknown setting 'optim.learning_rate'"),
         ("trainer.epochs=3", "unknown setting 'trainer.epochs'"),
         ("data.val_fraction=1.5", "data.val_fraction must be between 0 and 1"),
+        ("data.shuffle_buffer=-1", "data.shuffle_buffer must be 0 (off) or a number of images"),
         ("run.use_gpu=maybe", "expected true/false"),
         ("optim.epochs", "must look like section.key=value"),
     ],
@@ -173,8 +174,34 @@ def test_corrupt_training_images_are_counted_then_fatal_past_the_limit(ray_sessi
     assert set(batches["train"][0]) == {"image", "target", "ok"}
     assert batches["train"][0]["image"].shape[1:] == (3, 32, 32)
     assert batches["train"][0]["image"].dtype == batches["train"][0]["target"].dtype == torch.float32
+    # Cached, the training blocks come in a new order each epoch; a stream keeps its order (Ray's plan operator).
+    assert (type(datasets["train"]._logical_plan.dag).__name__ == "RandomizeBlocks") == (cache_gib > 0)
     with pytest.raises(TrainingDataError, match=rf"1 of 30 training images cannot be decoded.*{victim.stem}"):
         prepare_datasets(load_config(None, [*settings, "data.max_bad_fraction=0.0"]))
+
+
+def wells_drawn(dataset, buffer: int, epoch: int) -> list[list[int]]:
+    """The wells (each its own class) of the rows in each training batch of one epoch."""
+    from protein_ray.train import TrainJob, training_batches
+
+    config = load_config(None, ["optim.batch_size=16", f"data.shuffle_buffer={buffer}"])
+    job = TrainJob(config, Preprocessing(image_size=32), tuple(CLASS_NAMES), train_count=80, run_uri="")
+    return [batch["target"].argmax(1).tolist() for batch in training_batches(dataset, job, epoch, rank=0)]
+
+
+def test_each_epoch_draws_its_batches_across_wells_in_a_new_order(ray_session):
+    import numpy as np
+    import ray.data
+
+    # A plate folder's order: 10 wells of 8 fields, one after the other.
+    wells = np.repeat(np.arange(10), 8)
+    rows = ray.data.from_items([{"image": np.full((3, 32, 32), well, np.uint8), "target": np.eye(10)[well],
+                                 "ok": 1.0} for well in wells], override_num_blocks=1).materialize()
+    first, second = (wells_drawn(rows, buffer=1024, epoch=epoch) for epoch in (0, 1))
+    assert sorted(sum(first, [])) == sorted(sum(second, [])) == wells.tolist()  # every field once per epoch
+    assert min(len(set(batch)) for batch in first) >= 5, first  # in order, a batch of 16 holds 2 wells
+    assert first != second
+    assert wells_drawn(rows, buffer=0, epoch=0) == [wells[i:i + 16].tolist() for i in range(0, 80, 16)]
 
 
 
