@@ -118,21 +118,27 @@ def index_to_dataset(index: pd.DataFrame, batch_size: int = 64, check_headers: b
     )
 
 
-def dataset_of(index: InputIndex, check_headers: bool = False):
+def dataset_of(index: InputIndex, check_headers: bool = False, shuffle: bool = False):
     """A lazy Ray Dataset of shard rows for any resolved input: shards are read as
-    they are, files are read (and per-stain files merged) in Ray tasks."""
+    they are, files are read (and per-stain files merged) in Ray tasks.
+
+    ``shuffle`` (training): shard files are read in a new order each time the dataset
+    runs (each epoch of a stream); image files, listed once, in one random order, since
+    their index comes in plate, well and field order."""
     import ray.data
 
     in_shards = index.rows["shard_file"].notna()
     if not in_shards.any():
-        return index_to_dataset(index.rows, check_headers=check_headers)
+        rows = index.rows.sample(frac=1, random_state=0, ignore_index=True) if shuffle else index.rows
+        return index_to_dataset(rows, check_headers=check_headers)
     if not in_shards.all():
         raise DataSourceError("an input mixing shards and image files cannot be read as one dataset")
     shard_files = index.rows["shard_file"].unique().tolist()
     fs, _ = storage.resolve(shard_files[0])
     # Set only while the read is planned; patch.dict puts the environment back as it was.
     with mock.patch.dict(os.environ, {FOOTER_ACTORS_ENV: footer_actors(len(shard_files))}):
-        return ray.data.read_parquet([storage.resolve(f)[1] for f in shard_files], filesystem=fs, schema=shards.SCHEMA)
+        return ray.data.read_parquet([storage.resolve(f)[1] for f in shard_files], filesystem=fs, schema=shards.SCHEMA,
+                                     shuffle="files" if shuffle else None)
 
 
 # Ray Data (2.60) reads Parquet footers on a pool of actors that ``read_parquet`` sizes

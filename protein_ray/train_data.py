@@ -157,7 +157,7 @@ def prepare_datasets(config: TrainingConfig) -> tuple[dict, int, int, Preprocess
     spec = load_spec(config.data.spec)
     uri = storage.absolute(config.data.path) if config.data.path else ensure_embedded_dataset(config)
     index = labelled_index(uri, input_options(config, spec))
-    rows = dataset_of(index)
+    rows = dataset_of(index, shuffle=True)
     train_ids, val_ids = stratified_split(
         index.rows["image_id"].tolist(), list(index.rows["labels"]), config.data.val_fraction, config.data.split_seed
     )
@@ -183,6 +183,6 @@ def prepare_datasets(config: TrainingConfig) -> tuple[dict, int, int, Preprocess
     if cache:
         # A new order of the cached blocks each epoch (it only reorders references: no tasks,
         # no copies); the workers shuffle rows within their buffers. On a stream it would
-        # hold the whole decoded set at once, so a stream keeps its order.
+        # hold the whole decoded set at once: there the shard files are read in a new order.
         train = train.randomize_block_order()
     return {"train": train, "val": val}, len(train_ids), bad, Preprocessing(size, mean, std, decode_spec.stains)

@@ -93,6 +93,24 @@ def test_a_shard_read_plans_one_footer_reader_per_ten_files_unless_the_user_sets
     assert footer_readers_planned(read_shards(str(tmp_path / "shards"), "train")) == 4
 
 
+def test_a_training_read_takes_shard_files_in_a_new_order_each_time_and_image_files_shuffled(ray_session, tmp_path,
+                                                                                             monkeypatch):
+    import ray.data
+
+    root = make_kaggle_root(tmp_path / "kaggle")
+    write_shards(str(root), str(tmp_path / "shards"), rows_per_file=2)  # 10 train files
+    listed = [f"img{i:03d}" for i in range(20)]  # train.csv's order, and the shard files'
+    # Ray Data yields blocks as its tasks finish; in the files' order, any change of order is the shuffle's.
+    monkeypatch.setattr(ray.data.DataContext.get_current().execution_options, "preserve_order", True)
+    shard_rows = dataset_of(resolve_input(str(tmp_path / "shards"), InputOptions(split="train")), shuffle=True)
+    first, second = ([row["image_id"] for row in shard_rows.iter_rows()] for _ in range(2))
+    assert sorted(first) == sorted(second) == listed
+    assert listed != first != second  # one order of 10 files twice by chance: 1 in 10!
+    file_rows = dataset_of(resolve_input(str(root), InputOptions(split="train")), shuffle=True)
+    read = [row["image_id"] for row in file_rows.iter_rows()]
+    assert sorted(read) == listed and read != listed
+
+
 @pytest.mark.s3
 def test_kaggle_shards_round_trip_on_s3(ray_session, tmp_path, s3_bucket):
     root = make_kaggle_root(tmp_path / "kaggle")
