@@ -118,6 +118,22 @@ def index_to_dataset(index: pd.DataFrame, batch_size: int = 64, check_headers: b
     )
 
 
+# Ray Data (2.60) reads Parquet footers on a pool of actors that ``read_parquet`` sizes
+# from this variable when it plans the read, whatever the number of files.
+FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+RAY_FOOTER_ACTORS = 32  # its default
+FILES_PER_FOOTER_BATCH = 10  # Ray's batch of footers per actor call
+
+
+def footer_actors(files: int) -> str:
+    """One footer-reading actor per batch of files, unless the user set the pool size.
+
+    Each actor is a new worker process, so the default 32 cost ~4 s of a 2-core node on
+    every read of a single shard file (measured: 5.3-5.8 s against 1.6-1.8 s with one);
+    actors beyond the number of batches get no footer to read."""
+    return os.environ.get(FOOTER_ACTORS_ENV) or str(min(RAY_FOOTER_ACTORS, math.ceil(files / FILES_PER_FOOTER_BATCH)))
+
+
 def dataset_of(index: InputIndex, check_headers: bool = False, shuffle: bool = False):
     """A lazy Ray Dataset of shard rows for any resolved input: shards are read as
     they are, files are read (and per-stain files merged) in Ray tasks.
@@ -139,21 +155,6 @@ def dataset_of(index: InputIndex, check_headers: bool = False, shuffle: bool = F
     with mock.patch.dict(os.environ, {FOOTER_ACTORS_ENV: footer_actors(len(shard_files))}):
         return ray.data.read_parquet([storage.resolve(f)[1] for f in shard_files], filesystem=fs, schema=shards.SCHEMA,
                                      shuffle="files" if shuffle else None)
-
-
-# Ray Data (2.60) reads Parquet footers on a pool of actors that ``read_parquet`` sizes
-# from this variable when it plans the read: 32 by default, whatever the number of files.
-FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
-FILES_PER_FOOTER_BATCH = 10  # Ray's batch of footers per actor call
-
-
-def footer_actors(files: int) -> str:
-    """One footer-reading actor per batch of files, unless the user set the pool size.
-
-    Each actor is a new worker process, so the default 32 cost ~4 s of a 2-core node on
-    every read of a single shard file (measured: 5.3-5.8 s against 1.6-1.8 s with one);
-    actors beyond the number of batches get no footer to read."""
-    return os.environ.get(FOOTER_ACTORS_ENV) or str(min(32, math.ceil(files / FILES_PER_FOOTER_BATCH)))
 
 
 # ---------------------------------------------------------------- shards ------
