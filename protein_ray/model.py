@@ -6,10 +6,13 @@ The checkpoint format (weights + model card) is in ``protein_ray.checkpoint``.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 
 import timm
 import torch
+from torch import fx, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from protein_ray.labels import NUM_CLASSES
 
@@ -48,3 +51,41 @@ def autocast_context(device: torch.device, enabled: bool):
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     return torch.autocast("cuda", dtype=dtype), scaler
+
+
+def prepare_for_inference(model: nn.Module, device: torch.device) -> nn.Module:
+    """An eval-mode model made cheaper to run, with the same outputs (to float
+    rounding): batch norms folded into their convolutions, then channels-last memory.
+    Measured for resnet18 at 256 px on one CPU thread: 1.2-1.5x faster; on GPU both are
+    the usual inference settings. Callers feed it channels-last inputs."""
+    folded = fold_batch_norms(model.eval())
+    logger.info("folded %d batch norms into their convolutions", folded)
+    return model.to(device=device, memory_format=torch.channels_last)
+
+
+def fold_batch_norms(model: nn.Module) -> int:
+    """Fold each eval-mode ``BatchNorm2d`` into the ``Conv2d`` that alone feeds it, in
+    place, so that inference skips a pass over every activation. Returns how many were
+    folded. torch.fx finds the pairs; a model it cannot trace keeps its batch norms."""
+    try:
+        graph = fx.symbolic_trace(model).graph
+    except Exception as error:  # data-dependent control flow: fx cannot follow it
+        logger.info("batch norms not folded: %s cannot be traced (%s)", type(model).__name__, error)
+        return 0
+    modules = dict(model.named_modules())
+    # A module called twice (shared weights) cannot be rewritten for one of its calls.
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    folded = 0
+    for node in graph.nodes:
+        conv = node.args[0] if node.op == "call_module" and node.args else None
+        if not (isinstance(conv, fx.Node) and conv.op == "call_module"):
+            continue
+        # Exact types: subclasses (timm's BatchNormAct2d, Conv2dSame) do more than the fold keeps.
+        if type(modules[node.target]) is not nn.BatchNorm2d or type(modules[conv.target]) is not nn.Conv2d:
+            continue
+        if len(conv.users) != 1 or calls[conv.target] != 1 or calls[node.target] != 1:
+            continue
+        model.set_submodule(conv.target, fuse_conv_bn_eval(modules[conv.target], modules[node.target]))
+        model.set_submodule(node.target, nn.Identity())
+        folded += 1
+    return folded

@@ -17,7 +17,7 @@ import torch
 from protein_ray.checkpoint import ModelCard, load_checkpoint, resolve_checkpoint
 from protein_ray.imaging import ImageDecodeError, Preprocessing, decode_image, normalize_batch, preprocess_batch
 from protein_ray.metrics import apply_thresholds
-from protein_ray.model import autocast_context
+from protein_ray.model import autocast_context, prepare_for_inference
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +45,10 @@ class Predictor:
     def __init__(self, checkpoint: str, device: str | None = None, tta: bool = False):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.checkpoint = checkpoint
-        self.model, self.card = load_checkpoint(checkpoint, self.device)
-        # On GPU: bf16/fp16 autocast and channels-last, as in training; nothing changes on CPU.
+        model, self.card = load_checkpoint(checkpoint, self.device)
+        self.model = prepare_for_inference(model, self.device)
+        # On GPU: bf16/fp16 autocast, as in training; nothing changes on CPU.
         self.autocast, _ = autocast_context(self.device, enabled=True)
-        if self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
         self.tta = tta
         self.thresholds = np.asarray(self.card.thresholds, dtype=np.float32)
         logger.info("loaded %s (%s, %d px) on %s", checkpoint, self.card.backbone, self.card.image_size, self.device)
@@ -88,10 +87,14 @@ class Predictor:
         -> the normalized (N, C, S, S) that ``predict_batch`` takes."""
         return normalize_batch(pixels, self.preprocessing)
 
+    def model_input(self, batch: np.ndarray) -> torch.Tensor:
+        """(N, C, S, S) numpy -> the model's device and channels-last layout."""
+        return torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, memory_format=torch.channels_last)
+
     @torch.inference_mode()
     def predict_batch(self, batch: np.ndarray) -> np.ndarray:
         """Preprocessed (N, C, S, S) -> probabilities (N, classes)."""
-        tensor = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
+        tensor = self.model_input(batch)
         views = tta_views(tensor) if self.tta else [tensor]
         with self.autocast:
             logits = [self.model(view).float() for view in views]
@@ -100,7 +103,7 @@ class Predictor:
     @torch.inference_mode()
     def embed_batch(self, batch: np.ndarray) -> np.ndarray:
         """Penultimate-layer features (N, D), for downstream profiling."""
-        tensor = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
+        tensor = self.model_input(batch)
         with self.autocast:
             features = self.model.forward_head(self.model.forward_features(tensor), pre_logits=True)
         return features.float().cpu().numpy()

@@ -1,8 +1,10 @@
 """Training: configuration, checkpoints, and real Ray Train runs (2 CPU workers, gloo)."""
 
+import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import history, smoke_config
@@ -11,7 +13,8 @@ from protein_ray.checkpoint import ModelCard, load_checkpoint, read_model_card, 
 from protein_ray.config import ConfigError, load_config
 from protein_ray.imaging import Preprocessing
 from protein_ray.labels import CLASS_NAMES
-from protein_ray.model import create_model
+from protein_ray.model import create_model, fold_batch_norms
+from protein_ray.predictor import Predictor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,6 +82,61 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(images), model(images), rtol=0, atol=0)
     assert loaded_card == card and loaded_card.class_names == list(CLASS_NAMES)
+
+
+def with_learned_batch_norm_statistics(model: torch.nn.Module) -> torch.nn.Module:
+    """A fresh model's batch norms are the identity; give them statistics a fold must carry."""
+    generator = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            for values, low, high in ((module.running_mean, -0.5, 0.5), (module.running_var, 0.5, 2.0),
+                                      (module.weight.data, 0.5, 1.5), (module.bias.data, -0.5, 0.5)):
+                values.copy_(torch.rand(values.shape, generator=generator) * (high - low) + low)
+    return model.eval()
+
+
+def test_inference_folds_every_batch_norm_and_keeps_the_outputs(tmp_path):
+    torch.manual_seed(0)
+    model = with_learned_batch_norm_statistics(create_model("test_resnet"))
+    batch_norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    card = ModelCard(backbone="test_resnet", preprocessing=Preprocessing(image_size=64))
+    save_checkpoint(tmp_path / "ckpt", model, card)
+    images = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        expected = torch.sigmoid(model(images)).numpy()
+        assert fold_batch_norms(copy.deepcopy(model)) == batch_norms > 0
+
+    predictor = Predictor(str(tmp_path / "ckpt"), device="cpu")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in predictor.model.modules())
+    first_conv = next(m for m in predictor.model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first_conv.weight.is_contiguous(memory_format=torch.channels_last)
+    np.testing.assert_allclose(predictor.predict_batch(images.numpy()), expected, atol=1e-5)
+    np.testing.assert_allclose(predictor.embed_batch(images.numpy()), model.forward_head(
+        model.forward_features(images), pre_logits=True).detach().numpy(), atol=1e-4)
+
+
+class ConvUsedTwice(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+
+    def forward(self, images):
+        return self.bn(self.conv(images)) + self.conv(images)
+
+
+class DataDependentBranch(ConvUsedTwice):
+    def forward(self, images):
+        return self.bn(self.conv(images)) if images.sum() > 0 else self.conv(images)
+
+
+@pytest.mark.parametrize("kind", [ConvUsedTwice, DataDependentBranch])
+def test_a_batch_norm_stays_where_folding_it_would_change_the_outputs(kind):
+    model = with_learned_batch_norm_statistics(kind())
+    images = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(images)
+        assert fold_batch_norms(model) == 0
+        torch.testing.assert_close(model(images), expected, rtol=0, atol=0)
 
 
 @pytest.mark.s3
