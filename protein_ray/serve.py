@@ -36,6 +36,7 @@ import asyncio
 import copy
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -108,6 +109,38 @@ def score_batch(images: list[PreparedImage]) -> list[dict]:
     return results
 
 
+class ModelBatcher:
+    """Dynamic batching for one model: Ray's ``@serve.batch``, fed only while the model
+    is free. Ray's batcher closes a batch when its wait ends, even while the model still
+    runs the last one, so under load it queued batches of 1-3 behind the model (resnet34
+    at 96 px on 2 cores: batched 1.04x unbatched). Held until the model is free, the
+    requests that came meanwhile join one batch (1.56x)."""
+
+    def __init__(self, score: Callable[[list], list]):
+        self.score = score  # items -> results, in order; run in a thread
+        self.batch_sizes: Counter[int] = Counter()  # batches run, by size
+        self.model_free = asyncio.Event()
+        self.model_free.set()
+
+    def configure(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+        self.run_batch.set_max_batch_size(max_batch_size)
+        self.run_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    async def submit(self, item):
+        """One item's result, scored in a batch with the items waiting beside it."""
+        await self.model_free.wait()
+        return await self.run_batch(item)
+
+    @serve.batch(max_batch_size=defaults.SERVE_MAX_BATCH_SIZE, batch_wait_timeout_s=defaults.SERVE_BATCH_WAIT_S)
+    async def run_batch(self, items: list) -> list:
+        self.batch_sizes[len(items)] += 1
+        self.model_free.clear()
+        try:  # in a thread, so that the event loop keeps reading requests for the next batch
+            return await asyncio.to_thread(self.score, items)
+        finally:
+            self.model_free.set()
+
+
 def reserved_cpus() -> int:
     """The CPUs Ray reserved for this replica (at least one): how many images it decodes at once by default."""
     return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
@@ -150,7 +183,7 @@ class ProteinClassifier:
         self.defaults = LiveSettings.model_validate(settings)
         self.limits = Limits.model_validate(limits)
         self.device, self.tta = device, tta
-        self.batch_sizes: Counter[int] = Counter()
+        self.batcher = ModelBatcher(score_batch)
         self.reload_error: str | None = None  # why the last user_config was refused
         self.predictor: Predictor | None = None
         self.predictor = self.predictor_for(self.defaults)
@@ -200,14 +233,7 @@ class ProteinClassifier:
     def apply_batching(self, settings: LiveSettings) -> None:
         self.batching = {"max_batch_size": settings.max_batch_size,
                          "batch_wait_timeout_s": settings.batch_wait_timeout_s}
-        self.classify.set_max_batch_size(settings.max_batch_size)
-        self.classify.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
-
-    @serve.batch(max_batch_size=defaults.SERVE_MAX_BATCH_SIZE, batch_wait_timeout_s=defaults.SERVE_BATCH_WAIT_S)
-    async def classify(self, images: list[PreparedImage]) -> list[dict]:
-        self.batch_sizes[len(images)] += 1
-        # In a thread so the event loop keeps reading requests and filling the next batch.
-        return await asyncio.to_thread(score_batch, images)
+        self.batcher.configure(settings.max_batch_size, settings.batch_wait_timeout_s)
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
@@ -226,7 +252,7 @@ class ProteinClassifier:
             "replica": serve.get_replica_context().replica_tag,  # which replica answered
             **self.batching,
             # Batches this replica has run, by size: shows whether dynamic batching fills them.
-            "batch_sizes": dict(sorted(self.batch_sizes.items())),
+            "batch_sizes": dict(sorted(self.batcher.batch_sizes.items())),
             "reload_error": self.reload_error,
             "server_version": __version__,
             "limits": {**self.limits.model_dump(exclude={"show_checkpoint_uri"}), "max_decodes": self.max_decodes},
@@ -241,7 +267,7 @@ class ProteinClassifier:
         except RequestRejected as rejection:
             self.rejections.inc(tags={"error": rejection.error})
             raise
-        predictions = await asyncio.gather(*(self.classify(PreparedImage(predictor, image)) for image in pixels))
+        predictions = await asyncio.gather(*(self.batcher.submit(PreparedImage(predictor, image)) for image in pixels))
         return {"predictions": [{"id": upload.id, **p} for upload, p in zip(uploads, predictions)]}
 
     async def read_uploads(self, request: Request, preprocessing: Preprocessing) -> list[Upload]:

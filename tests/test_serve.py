@@ -3,6 +3,7 @@ the config file against Serve's own schema, and HTTP == Predictor probabilities.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import threading
 import time
@@ -192,6 +193,46 @@ def test_concurrent_requests_are_batched_and_all_answered(client):
     assert sum(size * count for size, count in ran.items()) == 24  # every image scored once
     assert max(size for size, count in ran.items() if count) > 1, ran  # and some together
     assert max(ran) <= 8  # never past max_batch_size
+
+
+def test_requests_that_arrive_while_the_model_runs_join_the_next_batch(serve_port):
+    """In a real replica: one request starts a 2-s model batch; 8 more come 30 ms
+    apart while it runs. With a 10-ms batch wait, Ray's batcher alone closes 8 batches
+    of one behind the model; held until it is free, they fill batches of 5, then 3."""
+    from ray import serve
+
+    from protein_ray.serve import ModelBatcher
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=32)
+    class SlowModel:
+        def __init__(self):
+            self.batcher = ModelBatcher(self.score)
+            self.batcher.configure(max_batch_size=5, batch_wait_timeout_s=0.01)
+
+        @staticmethod
+        def score(items: list[int]) -> list[int]:
+            time.sleep(2.0)
+            return [item * 10 for item in items]
+
+        async def __call__(self, item: int, delay_s: float) -> int:
+            await asyncio.sleep(delay_s)
+            return await self.batcher.submit(item)
+
+        def model_busy(self) -> bool:
+            return not self.batcher.model_free.is_set()
+
+        def batch_sizes(self) -> dict[int, int]:
+            return dict(self.batcher.batch_sizes)
+
+    handle = serve.run(SlowModel.bind(), name="slow-model", route_prefix=None)
+    try:
+        first = handle.remote(0, 0.0)
+        wait_until(lambda: handle.model_busy.remote().result(timeout_s=10), timeout_s=30, every_s=0.05)
+        later = [handle.remote(item, 0.03 * item) for item in range(1, 9)]
+        assert [first.result(timeout_s=60)] + [r.result(timeout_s=60) for r in later] == [i * 10 for i in range(9)]
+        assert handle.batch_sizes.remote().result(timeout_s=10) == {1: 1, 5: 1, 3: 1}
+    finally:
+        serve.delete("slow-model")
 
 
 # --------------------------------------------------------------------------
