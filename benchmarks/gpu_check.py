@@ -68,7 +68,7 @@ def amp_training(model_name: str, images: torch.Tensor, steps: int, device: torc
 def inference_rate(model_name: str, images: torch.Tensor, repeats: int, device: torch.device) -> float:
     from protein_ray.model import autocast_context, create_model, prepare_for_inference
 
-    model = prepare_for_inference(create_model(model_name), device)  # as the Predictor runs it
+    model = prepare_for_inference(create_model(model_name), device, images[:1])  # as the Predictor runs it
     autocast, _ = autocast_context(device, True)
     images = images.to(device).contiguous(memory_format=torch.channels_last)
     with autocast:

@@ -46,7 +46,9 @@ class Predictor:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.checkpoint = checkpoint
         model, self.card = load_checkpoint(checkpoint, self.device)
-        self.model = prepare_for_inference(model, self.device)
+        size, channels = self.card.image_size, self.card.preprocessing.channels
+        example = torch.randn(1, channels, size, size, generator=torch.Generator().manual_seed(0))
+        self.model = prepare_for_inference(model, self.device, example)
         # On GPU: bf16/fp16 autocast, as in training; nothing changes on CPU.
         self.autocast, _ = autocast_context(self.device, enabled=True)
         self.tta = tta

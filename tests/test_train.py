@@ -13,7 +13,7 @@ from protein_ray.checkpoint import ModelCard, load_checkpoint, read_model_card, 
 from protein_ray.config import ConfigError, load_config
 from protein_ray.imaging import Preprocessing
 from protein_ray.labels import CLASS_NAMES
-from protein_ray.model import create_model, fold_batch_norms
+from protein_ray.model import create_model, fold_batch_norms, prepare_for_inference
 from protein_ray.predictor import Predictor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +104,7 @@ def test_inference_folds_every_batch_norm_and_keeps_the_outputs(tmp_path):
     images = torch.randn(4, 3, 64, 64)
     with torch.no_grad():
         expected = torch.sigmoid(model(images)).numpy()
-        assert fold_batch_norms(copy.deepcopy(model)) == batch_norms > 0
+        assert fold_batch_norms(copy.deepcopy(model), images[:1]) == batch_norms > 0
 
     predictor = Predictor(str(tmp_path / "ckpt"), device="cpu")
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in predictor.model.modules())
@@ -124,19 +124,51 @@ class ConvUsedTwice(torch.nn.Module):
         return self.bn(self.conv(images)) + self.conv(images)
 
 
-class DataDependentBranch(ConvUsedTwice):
+class ConvOutputUsedTwice(ConvUsedTwice):
     def forward(self, images):
-        return self.bn(self.conv(images)) if images.sum() > 0 else self.conv(images)
+        features = self.conv(images)
+        return self.bn(features) + features
 
 
-@pytest.mark.parametrize("kind", [ConvUsedTwice, DataDependentBranch])
+@pytest.mark.parametrize("kind", [ConvUsedTwice, ConvOutputUsedTwice])
 def test_a_batch_norm_stays_where_folding_it_would_change_the_outputs(kind):
     model = with_learned_batch_norm_statistics(kind())
     images = torch.rand(2, 3, 8, 8)
     with torch.no_grad():
         expected = model(images)
-        assert fold_batch_norms(model) == 0
+        assert fold_batch_norms(model, images) == 0
         torch.testing.assert_close(model(images), expected, rtol=0, atol=0)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+
+def test_preparing_a_model_leaves_models_running_in_other_threads_alone():
+    """A Serve replica builds the next model in a thread while batches run (hot reload);
+    torch.fx's tracer, used here before, patched every module's __call__ and failed them."""
+    import threading
+
+    running = with_learned_batch_norm_statistics(create_model("test_resnet"))
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = running(images)
+    failures, stop = [], threading.Event()
+
+    def serve_batches():
+        while not stop.is_set():
+            try:
+                with torch.no_grad():
+                    torch.testing.assert_close(running(images), expected)
+            except Exception as error:  # any failure of the running model is the bug
+                failures.append(repr(error))
+
+    thread = threading.Thread(target=serve_batches)
+    thread.start()
+    try:
+        for _ in range(3):
+            prepare_for_inference(create_model("test_resnet"), torch.device("cpu"), images[:1])
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert failures == []
 
 
 @pytest.mark.s3
