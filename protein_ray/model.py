@@ -75,6 +75,8 @@ def fold_batch_norms(model: nn.Module, example: torch.Tensor) -> int:
     fold is undone."""
     with torch.no_grad():  # not inference_mode: the folded weights are ordinary parameters
         pairs = conv_batch_norm_pairs(model, example)
+        if not pairs:  # nothing to fold (no plain BatchNorm2d): skip the two checking passes
+            return 0
         originals = [(model.get_submodule(conv), model.get_submodule(norm)) for conv, norm in pairs]
         expected = model(example)
         for (conv, norm), (conv_module, norm_module) in zip(pairs, originals):
