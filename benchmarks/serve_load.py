@@ -44,7 +44,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Ray Serve's throughput-optimized mode (README, "Serve"): HAProxy takes HTTP straight
+# Ray Serve's throughput-optimized mode (README, "Serving"): HAProxy takes HTTP straight
 # to the replicas instead of the Python proxy; handles keep their own event loop so
 # that plain synchronous code (this driver) can still call them.
 HAPROXY_INGRESS_ENV = {
