@@ -16,7 +16,10 @@ from protein_ray.imaging import (
     normalize_batch,
     preprocess_batch,
     resize_images,
+    scale_stain,
+    scale_stains,
 )
+from protein_ray.spec import Stain
 
 
 @pytest.fixture
@@ -44,6 +47,19 @@ def test_sixteen_bit_tiff_matches_eight_bit_scale(rgb8):
 def test_rgba_drops_alpha(rgb8):
     rgba = np.dstack([rgb8, np.full(rgb8.shape[:2], 7, np.uint8)])
     np.testing.assert_allclose(decode_image(encode(rgba, "PNG")), rgb8 / 255.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_scaling_all_stains_at_once_gives_each_stains_own_floats(dtype):
+    # Three stains of different bit depths out of a 4-channel array: the one-pass path
+    # must give every stain the floats its own scale gives it, in its own channel.
+    planes = np.random.default_rng(1).integers(0, np.iinfo(dtype).max + 1, size=(30, 20, 4), dtype=dtype)
+    stains = (Stain("green", bits=12), Stain("red"), Stain("blue", bits=10))
+    expected = np.stack([scale_stain(planes[..., c], stain) for c, stain in enumerate(stains)], axis=-1)
+    scaled = scale_stains(planes, stains)
+    assert scaled.dtype == np.float32 and scaled.flags.c_contiguous
+    np.testing.assert_array_equal(scaled, expected)
+    assert scaled.max() == 1.0 and (dtype == np.uint8 or scaled[..., 1].max() < 1.0)
 
 
 def test_real_16bit_nucleus_tiff_merges_as_blue(real_nucleus_tif):
