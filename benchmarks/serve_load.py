@@ -44,15 +44,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Ray Serve's throughput-optimized mode (README, "Serving"): HAProxy takes HTTP straight
-# to the replicas instead of the Python proxy; handles keep their own event loop so
-# that plain synchronous code (this driver) can still call them.
-HAPROXY_INGRESS_ENV = {
-    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-    "RAY_SERVE_ENABLE_HA_PROXY": "1",
-    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1",
-}
-
 
 # --------------------------------------------------------------------------
 # The load generator (runs in its own process)
@@ -370,7 +361,9 @@ def main() -> None:
     os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
     os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
     if args.ingress == "haproxy":
-        os.environ.update(HAPROXY_INGRESS_ENV)
+        from protein_ray.serve_settings import HIGH_THROUGHPUT_ENV
+
+        os.environ.update(HIGH_THROUGHPUT_ENV)  # before Ray starts: it reads them there
     import ray
     from ray import serve
 

@@ -5,6 +5,20 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from protein_ray import defaults
 
+# Ray Serve's high-throughput mode (Ray's guide "Enable High Throughput on Ray Serve with
+# KubeRay"): HAProxy takes HTTP straight to the replicas instead of Ray's Python proxy,
+# and the router runs in its own event loop, which keeps handles usable from plain
+# synchronous code (drivers, notebooks). Ray reads these where it starts, so the cluster
+# paths set them on every node (cluster.yaml's `ray start`, the RayService's pods; tests
+# keep both equal to this); a local `serve run` leaves them to the user (README,
+# "Serving"). Measured on 2 cores on 2026-12-06: batched Serve at 1.01-1.22x the plain
+# loop against 0.75-0.91x through the Python proxy (benchmarks/serve_load.py).
+HIGH_THROUGHPUT_ENV = {
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1",
+}
+
 
 class AppArgs(BaseModel):
     """The ``args:`` of ``serve_config.yaml`` (and of ``serve run protein_ray.serve:build_app k=v``)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,8 @@ from pathlib import Path
 
 import psutil
 from conftest import free_port, wait_for_port
+
+from protein_ray.serve_settings import HIGH_THROUGHPUT_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -57,6 +60,25 @@ def run(command: list[str], env: dict, timeout: int, retry_if: str | None = None
         time.sleep(3)
     assert result.returncode == 0, f"{' '.join(command)} failed ({result.returncode}):\n{output[-4000:]}"
     return output
+
+def serve_high_throughput_env() -> dict:
+    """Serve's high-throughput mode, as cluster.yaml starts every node; HAProxy's own
+    metrics and stats ports are fixed (9101, 8404) unless set, so free ones keep a test
+    clear of whatever else listens on this machine."""
+    return HIGH_THROUGHPUT_ENV | {"RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+                                  "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port())}
+
+
+def haproxy_listens_on(port: int) -> bool:
+    """Whether an HAProxy that Serve started has its HTTP frontend on ``port`` (from its
+    config file): the answers on that port come through HAProxy, not Ray's Python proxy."""
+    for process in psutil.process_iter(["name", "cmdline"]):
+        command = process.info["cmdline"] or []
+        if process.info["name"] == "haproxy" and "-f" in command:
+            config = Path(command[command.index("-f") + 1])
+            if config.is_file() and re.search(rf"^\s*bind \S*:{port}\s*$", config.read_text(), re.MULTILINE):
+                return True
+    return False
 
 
 def agent_ports() -> list[str]:

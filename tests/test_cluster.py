@@ -60,3 +60,15 @@ def test_the_dashboard_listens_only_on_the_head_itself(cluster_config):
     (an SSH tunnel), never opened to the network."""
     head_start = " ".join(cluster_config["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_start and "0.0.0.0" not in head_start
+
+
+@pytest.mark.parametrize("commands", ["head_start_ray_commands", "worker_start_ray_commands"])
+def test_every_node_starts_ray_in_serves_high_throughput_mode(cluster_config, commands):
+    import shlex
+
+    from protein_ray.serve_settings import HIGH_THROUGHPUT_ENV
+
+    [start] = [c for c in cluster_config[commands] if "ray start" in c]
+    words = shlex.split(start.split(";")[-1])
+    assignments = dict(word.split("=", 1) for word in words[:words.index("ray")])
+    assert assignments == HIGH_THROUGHPUT_ENV

@@ -2,7 +2,8 @@
 
 ``ray start --head`` on 127.0.0.1, then, through the Jobs CLI with
 ``--working-dir .``: training (smoke preset) and bulk scoring; then
-``serve deploy serve_config.yaml`` and a prediction over HTTP. Data, checkpoints
+``serve deploy serve_config.yaml`` and a prediction over HTTP, through HAProxy as on a
+cluster from cluster.yaml (Serve's high-throughput mode). Data, checkpoints
 and outputs live on the local S3 server as ``s3://`` URIs, as they would on AWS.
 Nothing here shares the test session's in-process Ray instance.
 """
@@ -15,15 +16,16 @@ import httpx
 import pytest
 import yaml
 from conftest import free_port
-from ray_cluster import BIN, ROOT, LocalCluster, cli_env, run
+from ray_cluster import BIN, ROOT, LocalCluster, cli_env, haproxy_listens_on, run, serve_high_throughput_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3, pytest.mark.cluster]
 
 
 @pytest.fixture(scope="module")
 def cluster(s3_server):
-    """A head node on 127.0.0.1 with the dashboard (the Jobs API) on a free port."""
-    cluster = LocalCluster(head_cpus=6).start()
+    """A head node on 127.0.0.1 with the dashboard (the Jobs API) on a free port,
+    started as cluster.yaml starts its nodes."""
+    cluster = LocalCluster(head_cpus=6, extra_env=serve_high_throughput_env()).start()
     try:
         yield cluster
     finally:
@@ -89,4 +91,5 @@ def test_train_score_and_serve_on_a_cluster_with_s3(cluster, s3_bucket, tmp_path
     assert response is not None and response.status_code == 200, getattr(response, "text", "no response")
     body = response.json()
     assert len(body["predictions"][0]["probabilities"]) == 10
+    assert haproxy_listens_on(serve_port)  # the answer came through HAProxy, not Ray's Python proxy
     print(f"cluster end-to-end: {time.perf_counter() - started:.0f} s")

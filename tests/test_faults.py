@@ -26,14 +26,25 @@ import httpx
 import pandas as pd
 import pytest
 import yaml
-from ray_cluster import BIN, FAST_FAILURE_DETECTION, ROOT, LocalCluster, cli_env, read_json_lines, run, wait_until
+from ray_cluster import (
+    BIN,
+    FAST_FAILURE_DETECTION,
+    ROOT,
+    LocalCluster,
+    cli_env,
+    haproxy_listens_on,
+    read_json_lines,
+    run,
+    serve_high_throughput_env,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    cluster = LocalCluster(head_cpus=3, extra_env=FAST_FAILURE_DETECTION).start()
+    cluster = LocalCluster(head_cpus=3, extra_env=FAST_FAILURE_DETECTION | serve_high_throughput_env()).start()
     try:
         yield cluster
     finally:
@@ -189,7 +200,7 @@ def test_serve_replaces_a_replica_lost_with_its_node(cluster, smoke_checkpoint, 
         return httpx.post(f"http://127.0.0.1:{port}/predict", content=image,
                           headers={"Content-Type": "image/png"}, timeout=30).status_code
 
-    assert predict() == 200
+    assert predict() == 200 and haproxy_listens_on(port)  # served as cluster.yaml's nodes serve
     # Serve spreads replicas over nodes; this node must hold one before it dies.
     wait_until(lambda: ran_work(node.running(), CLASSIFIER), 60, "a classifier replica on the worker node")
     killed = node.kill()

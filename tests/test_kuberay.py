@@ -73,3 +73,12 @@ def test_jobs_run_this_projects_entry_points_on_their_own_cluster(name):
     groups = job["rayClusterSpec"]["workerGroupSpecs"]
     assert any(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu") for g in groups)
     assert all(g["minReplicas"] == 0 for g in groups)  # GPU nodes only while the job runs
+
+
+def test_rayservice_pods_start_ray_in_serves_high_throughput_mode():
+    from protein_ray.serve_settings import HIGH_THROUGHPUT_ENV
+
+    cluster = yaml.safe_load((ROOT / "deploy" / "kuberay" / "rayservice.yaml").read_text())["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for container in (c for group in groups for c in group["template"]["spec"]["containers"]):
+        assert {e["name"]: e["value"] for e in container["env"]} == HIGH_THROUGHPUT_ENV, container["name"]
