@@ -61,6 +61,7 @@ def run(command: list[str], env: dict, timeout: int, retry_if: str | None = None
     assert result.returncode == 0, f"{' '.join(command)} failed ({result.returncode}):\n{output[-4000:]}"
     return output
 
+
 def serve_high_throughput_env() -> dict:
     """Serve's high-throughput mode, as cluster.yaml starts every node; HAProxy's own
     metrics and stats ports are fixed (9101, 8404) unless set, so free ones keep a test
