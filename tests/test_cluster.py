@@ -1,9 +1,12 @@
 """cluster.yaml against Ray's own cluster-launcher schema."""
 
+import shlex
 from pathlib import Path
 
 import pytest
 import yaml
+
+from protein_ray.serve_settings import HIGH_THROUGHPUT_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,10 +67,6 @@ def test_the_dashboard_listens_only_on_the_head_itself(cluster_config):
 
 @pytest.mark.parametrize("commands", ["head_start_ray_commands", "worker_start_ray_commands"])
 def test_every_node_starts_ray_in_serves_high_throughput_mode(cluster_config, commands):
-    import shlex
-
-    from protein_ray.serve_settings import HIGH_THROUGHPUT_ENV
-
     [start] = [c for c in cluster_config[commands] if "ray start" in c]
     words = shlex.split(start.split(";")[-1])
     assignments = dict(word.split("=", 1) for word in words[:words.index("ray")])

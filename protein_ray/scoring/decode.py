@@ -141,22 +141,19 @@ def decode_rows(work: list[dict], shard_images: dict[int, bytes], preprocessing:
         fields = list(pool.map(lambda data: decode_field(data, preprocessing, max_pixels, measure_qc), encoded))
     size = preprocessing.image_size
     pixels = np.zeros((len(work), preprocessing.channels, size, size), preprocessing.pixel_dtype)
+    qc = np.full((len(work), len(measure_names(preprocessing.stain_names))), np.nan, np.float32) if measure_qc else None
     for row, field in enumerate(fields):
         if field.pixels is not None:
             pixels[row] = field.pixels
+            if qc is not None:
+                qc[row] = field.qc
     block = {
         "row": np.array([item["row"] for item in work], np.int64),
         "error": np.array([field.reason for field in fields], dtype=object),
         "detail": np.array([field.detail for field in fields], dtype=object),
         "pixels": pixels,
     }
-    if measure_qc:
-        qc = np.full((len(work), len(measure_names(preprocessing.stain_names))), np.nan, np.float32)
-        for row, field in enumerate(fields):
-            if field.qc is not None:
-                qc[row] = field.qc
-        block["qc"] = qc
-    return block
+    return block if qc is None else block | {"qc": qc}
 
 
 @dataclass
