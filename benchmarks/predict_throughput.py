@@ -23,7 +23,11 @@ memory of the whole process tree: Ray's processes are descendants of this one),
 where its time went (until the first part file; the rate from the first part file
 to the last; the final outputs), and the line ``time = fixed + images / marginal``
 fitted through the job times: the fixed seconds every job pays and the marginal
-rate at which it grows, each rate also as a fraction of the limit. With
+rate at which it grows, each rate also as a fraction of the limit. For the steady
+part of each job it then prints the cores used by the job's workers, the driver and
+Ray's other processes, and the workers' images/s per core they had against the
+limit's per core: near 1, the workers turn their CPU into images at the limit's cost,
+and their share of the cores is what the steady rate can reach. With
 --layout-rounds N it then scores one job N times in each CPU layout the job can run
 (1-thread actors that decode, the default; one actor on all cores that decodes; one
 actor fed by a decode task), interleaved, and prints each against its limit.
@@ -44,6 +48,7 @@ autoscaling coordinator), which then serve every later job on it.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -83,62 +88,108 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--layout-rounds", type=int, default=0,
                         help="then score the job of --layout-images this many times in each CPU layout, interleaved")
     parser.add_argument("--layout-images", type=int, default=768, help="images per job of the layout comparison")
-    parser.add_argument("--sample-rss-of", type=int, default=None, help=argparse.SUPPRESS)  # PeakMemory's sampler
+    parser.add_argument("--sample-tree-of", type=int, default=None, help=argparse.SUPPRESS)  # TreeSampler's process
     return parser.parse_args(argv)
 
 
-# ---------------------------------------------------------------- memory ----
+# ------------------------------------------------------- memory and CPU ----
+
+# Who used the CPU while a job ran: its workers (the model actors, any decode tasks),
+# the driver (this process: Ray Data's executor and the part writer), and everything
+# else in the tree (Ray's raylet, GCS, agents, log monitor and Ray Data's helper actors).
+CPU_GROUPS = ("job workers", "driver", "Ray's other processes")
 
 
-def tree_rss_bytes(root: int) -> int:
-    """Resident memory of ``root`` and all its descendants, from /proc (Linux)."""
-    parents, rss = {}, {}
+def read_processes() -> dict[int, tuple[int, int, int]]:
+    """pid -> (parent pid, resident bytes, CPU clock ticks) of every process, from /proc (Linux)."""
+    processes = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as handle:
                 fields = handle.read().rsplit(")", 1)[1].split()
-            parents[int(entry)] = int(fields[1])
-            rss[int(entry)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+            processes[int(entry)] = (int(fields[1]), int(fields[21]) * os.sysconf("SC_PAGE_SIZE"),
+                                     int(fields[11]) + int(fields[12]))
         except (OSError, IndexError, ValueError):
             continue  # the process ended while we looked
-    members, frontier = {root}, [root]
+    return processes
+
+
+def descendants(root: int, processes: dict[int, tuple[int, int, int]]) -> set[int]:
+    """``root`` and every process below it."""
+    members, frontier = {root}, {root}
     while frontier:
-        children = [pid for pid, parent in parents.items() if parent in frontier and pid not in members]
-        members.update(children)
-        frontier = children
-    return sum(rss.get(pid, 0) for pid in members)
+        frontier = {pid for pid, (parent, _, _) in processes.items() if parent in frontier and pid not in members}
+        members |= frontier
+    return members
 
 
-def sample_tree_rss(root: int, every_s: float = 0.5) -> None:
-    """Sampler process: print the peak tree RSS of ``root`` (less its own) once stdin closes.
+def cpu_group(pid: int, root: int, was: str | None) -> str:
+    """Which of ``CPU_GROUPS`` a process is in, from its title (a Ray worker's names what it
+    runs) and the group it ``was`` in: a prestarted worker becomes a model actor, and a job
+    worker stays one while it exits (when its title can no longer be read)."""
+    if pid == root:
+        return CPU_GROUPS[1]
+    if was == CPU_GROUPS[0]:
+        return was
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            command = handle.read()
+    except OSError:
+        return was or CPU_GROUPS[2]
+    return CPU_GROUPS[0] if b"MapWorker" in command or b"MapBatches" in command else CPU_GROUPS[2]
+
+
+def sample_tree(root: int, every_s: float = 0.5) -> None:
+    """Sampler process: once stdin closes, print as JSON the peak resident memory of
+    ``root``'s process tree (less the sampler's own) and, at each sample, the time and
+    the CPU seconds each of ``CPU_GROUPS`` has used so far (each process in the group it
+    is in now; one that ended keeps its last reading).
 
     Each sample reads every process's /proc entry (~1.4 ms of CPU with ~90 processes),
-    and the sampler's CPU comes out of the job it measures: twice a second, reading
-    its own size once, it costs the job under 0.2% of one core."""
-    own = tree_rss_bytes(os.getpid())
-    peak = 0
+    and the sampler's CPU comes out of the job it measures: twice a second it costs
+    the job under 0.2% of one core."""
+    ticks, groups, last_cpu, peak, series = os.sysconf("SC_CLK_TCK"), {}, {}, 0, []
     while not select.select([sys.stdin], [], [], every_s)[0]:
-        peak = max(peak, tree_rss_bytes(root) - own)
-    print(peak)
+        processes = read_processes()
+        members = descendants(root, processes) - {os.getpid()}
+        peak = max(peak, sum(processes[pid][1] for pid in members if pid in processes))
+        for pid in members & processes.keys():
+            groups[pid] = cpu_group(pid, root, groups.get(pid))
+            last_cpu[pid] = processes[pid][2] / ticks
+        used = dict.fromkeys(CPU_GROUPS, 0.0)
+        for pid, seconds in last_cpu.items():
+            used[groups[pid]] += seconds
+        series.append([time.time(), *used.values()])
+    print(json.dumps({"peak_rss": peak, "cpu": series}))
 
 
-class PeakMemory:
-    """Peak resident memory of this process tree while a phase runs, sampled by a
-    small separate process: a thread here would take the GIL from the model's Python
-    code in (a) and (b) but not in (c), whose model runs in a Ray actor; a forked
-    child would make this process copy its pages on write."""
+class TreeSampler:
+    """Peak resident memory of this process tree while a phase runs, and the CPU its
+    groups of processes used, sampled by a small separate process: a thread here would
+    take the GIL from the model's Python code in (a) and (b) but not in (c), whose model
+    runs in a Ray actor; a forked child would make this process copy its pages on write."""
 
-    peak = 0
+    peak, cpu = 0, []
 
     def __enter__(self):
-        self._sampler = subprocess.Popen([sys.executable, __file__, "--sample-rss-of", str(os.getpid())],
+        self._sampler = subprocess.Popen([sys.executable, __file__, "--sample-tree-of", str(os.getpid())],
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         return self
 
     def __exit__(self, *exc):
-        self.peak = int(self._sampler.communicate("")[0] or 0)  # closing stdin ends the sampler
+        samples = json.loads(self._sampler.communicate("")[0] or '{"peak_rss": 0, "cpu": []}')  # closing stdin ends it
+        self.peak, self.cpu = samples["peak_rss"], samples["cpu"]
+
+    def cores_used(self, start: float, end: float) -> dict[str, float]:
+        """Cores each group used on average between two times (seconds since the epoch)."""
+        if len(self.cpu) < 2 or end <= start:
+            return dict.fromkeys(CPU_GROUPS, math.nan)
+        times = np.array([sample[0] for sample in self.cpu])
+        return {group: float(np.diff(np.interp([start, end], times, [sample[1 + i] for sample in self.cpu]))[0]
+                             / (end - start))
+                for i, group in enumerate(CPU_GROUPS)}
 
 
 def gib(n_bytes: float) -> str:
@@ -267,7 +318,7 @@ def scoring_job(folder: Path, checkpoint: str, args) -> dict:
 
     output = Path(args.out) / f"scores-{folder.name}"
     started = time.time()
-    with PeakMemory() as memory:
+    with TreeSampler() as sampler:
         summary = score(PredictOptions(
             checkpoint=checkpoint, inputs=[str(folder)], output=str(output), overwrite=True,
             batch_size=args.batch_size, actors=args.actors, threads_per_actor=args.actor_threads,
@@ -278,11 +329,12 @@ def scoring_job(folder: Path, checkpoint: str, args) -> dict:
     parts = sorted(p.stat().st_mtime for p in (output / "parts").glob("part-*.parquet"))
     first_chunk = min(args.chunk_size, summary["images"])
     return {
-        "images": summary["images"], "seconds": finished - started, "rss": memory.peak,
+        "images": summary["images"], "seconds": finished - started, "rss": sampler.peak,
         "until first part": parts[0] - started,
         # Two or more intervals between parts: with fewer the rate is noise (96 images make 2 parts).
         "steady": (summary["images"] - first_chunk) / (parts[-1] - parts[0]) if len(parts) > 2 else math.nan,
         "outputs": finished - parts[-1],
+        "steady cores": sampler.cores_used(parts[0], parts[-1]) if len(parts) > 2 else dict.fromkeys(CPU_GROUPS, math.nan),
     }
 
 
@@ -332,6 +384,24 @@ def print_report(limit: dict, a: float, b: float, jobs: list[dict]) -> None:
           f"{largest['images'] / largest['seconds'] / b:.2f} (b measured at the start)")
     print(f"(c) the limit moved by up to {max(map(limit_drift, jobs)):.0%} between a job's two measurements (drift): "
           "the host's speed changes under the jobs too, so a ratio is no surer than that")
+    print_steady_cpu(jobs)
+
+
+def print_steady_cpu(jobs: list[dict]) -> None:
+    """Where the cores went between a job's first and last part file. The workers' rate
+    per core they had, against the limit's per core, says how well they use their
+    share; their share of the cores is the most of the limit the steady rate can reach."""
+    cores = os.cpu_count() or 1
+    print(f"\n(c) CPU in the steady part (first part file to last), in cores of {cores}; the workers' images/s per "
+          "core they had, as a fraction of the limit's per core")
+    print(f"    {'images':>6} {'job workers':>12} {'driver':>7} {'Ray, other':>11} {'per worker core':>16} "
+          f"{'workers share':>14} {'steady/limit':>13}")
+    for job in jobs:
+        used = job["steady cores"]
+        workers = used[CPU_GROUPS[0]]
+        print(f"    {job['images']:6d} {workers:12.2f} {used[CPU_GROUPS[1]]:7.2f} {used[CPU_GROUPS[2]]:11.2f} "
+              f"{job['steady'] / workers / (job['limit'] / cores):16.2f} {workers / cores:14.2f} "
+              f"{job['steady'] / job['limit']:13.2f}")
 
 
 def limit_drift(job: dict) -> float:
@@ -375,8 +445,8 @@ def print_layouts(runs: list[dict]) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.sample_rss_of:
-        return sample_tree_rss(args.sample_rss_of)
+    if args.sample_tree_of:
+        return sample_tree(args.sample_tree_of)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import ray
 
