@@ -398,7 +398,7 @@ def print_steady_cpu(jobs: list[dict]) -> None:
           f"{'workers share':>14} {'steady/limit':>13}")
     for job in jobs:
         used = job["steady cores"]
-        workers = used[CPU_GROUPS[0]]
+        workers = used[CPU_GROUPS[0]] or math.nan  # none seen: no rate per core to give
         print(f"    {job['images']:6d} {workers:12.2f} {used[CPU_GROUPS[1]]:7.2f} {used[CPU_GROUPS[2]]:11.2f} "
               f"{job['steady'] / workers / (job['limit'] / cores):16.2f} {workers / cores:14.2f} "
               f"{job['steady'] / job['limit']:13.2f}")
