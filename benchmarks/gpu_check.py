@@ -61,7 +61,7 @@ def amp_training(model_name: str, images: torch.Tensor, steps: int, device: torc
     synchronize(device)
     return {"train_images_per_s": steps * len(images) / (time.perf_counter() - started),
             "loss_first_10_steps": first["loss_sum"] / first["seen"], "loss_last_steps": last["loss_sum"] / last["seen"],
-            "autocast_dtype": str(getattr(autocast, "fast_dtype", None)) if autocast.is_enabled() else "off"}
+            "autocast_dtype": str(autocast.fast_dtype) if device.type == "cuda" and optim.amp else "off"}
 
 
 @torch.inference_mode()
@@ -112,8 +112,8 @@ def summarize(out: Path) -> None:
     """One table from gpu_check.json and the two benchmarks' logs (when they ran)."""
     rows = [(key, f"{value:.3f}" if isinstance(value, float) else str(value))
             for key, value in json.loads((out / "gpu_check.json").read_text()).items()]
-    for log, pattern in (("predict.log", r"^(\([abc]\) .*|c/a = .*)$"),
-                         ("serve.log", r"^(batched .*|unbatched .*|batching on/off: .*)$")):
+    for log, pattern in (("predict.log", r"^(limit: .*|\([ab]\) .*|\(c\) time = .*|\(c\) on \d+ images.*)$"),
+                         ("serve.log", r"^\s+((?:plain in-process loop|batched|unbatched) .*)$")):
         path = out / log
         lines = re.findall(pattern, path.read_text(), re.MULTILINE) if path.exists() else ["(not run)"]
         rows += [(log.removesuffix(".log"), line.strip()) for line in lines]

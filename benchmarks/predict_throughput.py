@@ -9,7 +9,9 @@ On the same images and model, with the same torch threads for the model:
          threads, whichever costs less CPU per image), in this process with glibc's
          malloc keeping freed memory as the job's CPU actors do
          (``runtime.keep_freed_memory_for_reuse``); printed first also with glibc's
-         defaults, for comparison
+         defaults, for comparison. With --device cuda (``gpu_check.sh``): the lesser
+         of the model's images/s on the GPU and what the cores but one (the model
+         actor's) decode, as the job's decode tasks do beside the GPU
   (a)    the model alone on already decoded tensors
   (b)    a plain PyTorch DataLoader loop over the files: what a user writes without
          us (workers decode + preprocess with the same functions, the main process
@@ -73,6 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=256, help="model input size")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for the model in (a), (b)")
+    parser.add_argument("--device", default="cpu", help="where (a) and (b) run the model: cpu or cuda (the job "
+                        "itself uses the cluster's GPUs when it has any)")
     # The job's own defaults on CPU: one 1-thread actor per core, each decoding its own images.
     parser.add_argument("--actors", type=int, default=None, help="(c): model actors (default: the job's)")
     parser.add_argument("--actor-threads", type=int, default=None,
@@ -269,15 +273,24 @@ def model_cost(predictor, tensors: np.ndarray, batch_size: int, threads: int) ->
 
 
 def measure_limit(predictor, files: list[Path], tensors: np.ndarray, batch_size: int, thread_counts: list[int]) -> dict:
-    """The machine's limit: cores / (decode stage + model) CPU seconds per image, the
-    model on whichever of ``thread_counts`` costs the least CPU; also the model's
-    images/s at each thread count."""
+    """The machine's limit. On CPU: cores / (decode stage + model) CPU seconds per image,
+    the model on whichever of ``thread_counts`` costs the least CPU. On a GPU the model
+    and the decoding run side by side: the lesser of the model's images/s on the GPU and
+    what the cores left beside its actor's one decode. Also the model's images/s at each
+    thread count."""
     decode_s = decode_cost_s(files, predictor.preprocessing)
     costs = {threads: model_cost(predictor, tensors, batch_size, threads) for threads in thread_counts}
     model_threads = min(costs, key=lambda threads: costs[threads][1])
-    model_s = costs[model_threads][1]
+    model_rate, model_s = costs[model_threads]
+    cores = os.cpu_count() or 1
+    if predictor.device.type == "cpu":
+        rate, bound = cores / (decode_s + model_s), "decode + model on the cores"
+    else:
+        decode_rate = max(1, cores - 1) / decode_s
+        rate, bound = min(model_rate, decode_rate), ("the model on the GPU" if model_rate <= decode_rate
+                                                     else f"decoding on {max(1, cores - 1)} cores")
     return {"decode_ms": 1000 * decode_s, "model_ms": 1000 * model_s, "model_threads": model_threads,
-            "images_per_s": (os.cpu_count() or 1) / (decode_s + model_s),
+            "images_per_s": rate, "bound": bound, "device": predictor.device.type,
             "rates": {threads: rate for threads, (rate, _) in costs.items()}}
 
 
@@ -359,8 +372,13 @@ def start_ray(args) -> float:
 
 def print_report(limit: dict, a: float, b: float, jobs: list[dict]) -> None:
     rate = limit["images_per_s"]
-    print(f"\nlimit: {os.cpu_count()} cores / ({limit['decode_ms']:.1f} ms decode stage + {limit['model_ms']:.1f} ms "
-          f"model on {limit['model_threads']} thread(s)) CPU per image = {rate:.2f} images/s")
+    if limit["device"] == "cpu":
+        print(f"\nlimit: {os.cpu_count()} cores / ({limit['decode_ms']:.1f} ms decode stage + {limit['model_ms']:.1f} ms "
+              f"model on {limit['model_threads']} thread(s)) CPU per image = {rate:.2f} images/s")
+    else:
+        print(f"\nlimit: the lesser of the model alone on the {limit['device']} device "
+              f"({limit['rates'][limit['model_threads']]:.2f} images/s) and {max(1, (os.cpu_count() or 1) - 1)} cores "
+              f"decoding at {limit['decode_ms']:.1f} ms CPU per image = {rate:.2f} images/s, set by {limit['bound']}")
     print(f"(a) model alone on decoded tensors : {a:7.2f} images/s")
     print(f"(b) PyTorch DataLoader loop         : {b:7.2f} images/s   ({b / rate:.2f} of the limit)")
     print("\n(c) each job against the limit measured just before and after it (limit/s: the mean); over the "
@@ -462,12 +480,14 @@ def main(argv=None) -> None:
           f"{f'{args.decode_tasks} decode task(s)' if args.decode_tasks else 'decoding in the actors'}; {os.cpu_count()} "
           f"cores; jobs of "
           f"{args.sizes} images", flush=True)
-    predictor = Predictor(checkpoint, device="cpu")
+    predictor = Predictor(checkpoint, device=args.device)
     tensors = predictor.preprocess([decode_image(p.read_bytes()) for p in reference])
     untuned = measure_limit(predictor, reference, tensors, args.batch_size, [1])
     # The job's CPU actors keep freed memory for the next batch; so does every figure from here on.
     tuned = keep_freed_memory_for_reuse()
-    limit = measure_limit(predictor, reference, tensors, args.batch_size, sorted({1, args.threads}))
+    # On CPU the model's cheapest thread count; on a GPU the threads only feed it.
+    thread_counts = sorted({1, args.threads}) if args.device == "cpu" else [args.threads]
+    limit = measure_limit(predictor, reference, tensors, args.batch_size, thread_counts)
     print(f"glibc's malloc keeping freed memory ({'on' if tuned else 'not available'}): limit "
           f"{untuned['images_per_s']:.2f} -> {limit['images_per_s']:.2f} images/s (model "
           f"{untuned['model_ms']:.1f} -> {limit['model_ms']:.1f} ms, decode {untuned['decode_ms']:.1f} -> "

@@ -123,16 +123,17 @@ def make_images(directory: Path, size: int, count: int = 16) -> Path:
     return directory
 
 
-def plain_loop(checkpoint: str, images: Path, batch_size: int, seconds: float) -> float:
+def plain_loop(checkpoint: str, images: Path, batch_size: int, seconds: float, device: str) -> float:
     """Images/s of what a user writes without Serve: read, decode, preprocess and run
-    the model in batches, in this process, torch on every core (after a warm-up)."""
+    the model in batches, in this process, torch on every core or the model on the GPU
+    (after a warm-up)."""
     import torch
 
     from protein_ray.imaging import decode_image
     from protein_ray.predictor import Predictor
 
     torch.set_num_threads(os.cpu_count() or 1)
-    predictor = Predictor(checkpoint, device="cpu")
+    predictor = Predictor(checkpoint, device=device)
     files = sorted(images.glob("*.png"))
     batch = files[:batch_size]
     predictor.predict_batch(predictor.preprocess([decode_image(f.read_bytes()) for f in batch]))  # warm-up
@@ -174,11 +175,18 @@ def deploy(config: dict, timeout_s: float = 600) -> None:
         time.sleep(0.5)
 
 
+def replica_cpus(model_gpus: float) -> int:
+    """One CPU for a CPU replica (Ray gives an actor as many torch threads as CPUs it
+    reserves); a GPU replica's CPUs decode for it, as the app's builder gives it."""
+    from protein_ray.defaults import GPU_REPLICA_CPUS
+
+    return GPU_REPLICA_CPUS if model_gpus else 1
+
+
 def batching(max_batch_size: int, wait_s: float, replicas: int, model_gpus: float) -> dict:
     return {"autoscaling_config": {"min_replicas": replicas, "max_replicas": replicas},
             "max_ongoing_requests": 64,
-            # One CPU each: Ray gives an actor as many torch threads as CPUs it reserves.
-            "ray_actor_options": {"num_cpus": 1, "num_gpus": model_gpus},
+            "ray_actor_options": {"num_cpus": replica_cpus(model_gpus), "num_gpus": model_gpus},
             "user_config": {"max_batch_size": max_batch_size, "batch_wait_timeout_s": wait_s}}
 
 
@@ -244,7 +252,7 @@ def run_scenario(args, name: str, scratch: Path, url: str) -> dict:
     settings = SCENARIOS[name]
     checkpoint = make_checkpoint(scratch / name, settings["backbone"], settings["image_size"])
     images = make_images(scratch / name / "images", settings["png_size"])
-    plain = plain_loop(checkpoint, images, 16, args.plain_seconds)
+    plain = plain_loop(checkpoint, images, 16, args.plain_seconds, "cuda" if args.model_gpus else "cpu")
     concurrency = args.concurrency or settings["concurrency"]
     print(f"{name}: {settings['backbone']} at {settings['image_size']} px on {settings['png_size']}-px PNGs "
           f"({sum(p.stat().st_size for p in images.glob('*.png')) // 16 // 1024} KB), {concurrency} requests in flight; "
@@ -370,12 +378,13 @@ def main() -> None:
     from protein_ray.demo import free_port
 
     with tempfile.TemporaryDirectory() as scratch:
-        # Logical CPUs: one per replica (the proxy and controller reserve none).
-        ray.init(num_cpus=max(args.replicas, 2), include_dashboard=False, log_to_driver=False)
+        # Logical CPUs: the replicas' (the proxy and controller reserve none).
+        ray.init(num_cpus=max(args.replicas * replica_cpus(args.model_gpus), 2), include_dashboard=False,
+                 log_to_driver=False)
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         url = f"http://127.0.0.1:{port}/predict"
-        print(f"{args.replicas} replica(s) of 1 CPU, {os.cpu_count()} cores; untrained checkpoints; "
+        print(f"{args.replicas} replica(s) of {replica_cpus(args.model_gpus)} CPU(s) and {args.model_gpus:g} GPU(s), {os.cpu_count()} cores; untrained checkpoints; "
               f"ingress: {args.ingress}", flush=True)
         try:
             summaries = {name: run_scenario(args, name, Path(scratch), url) for name in args.scenarios}
