@@ -20,12 +20,19 @@ import json
 import re
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where it is used: ``--summarize`` and the argument check
+# (tests/test_benchmarks.py) need only the standard library.
 
 
 def synthetic_batch(size: int, image_size: int, batch_size: int, out: Path) -> tuple[torch.Tensor, list[bytes]]:
     """A batch of preprocessed synthetic images, plus their encoded PNG files."""
+    import torch
+
     from protein_ray.imaging import Preprocessing, decode_image, preprocess_batch
     from protein_ray.synthetic import write_kaggle_dataset
 
@@ -36,12 +43,16 @@ def synthetic_batch(size: int, image_size: int, batch_size: int, out: Path) -> t
 
 
 def synchronize(device: torch.device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
 def amp_training(model_name: str, images: torch.Tensor, steps: int, device: torch.device) -> dict:
     """Images/s of ``steps`` training steps (after 10 warm-up steps) and the loss before and after."""
+    import torch
+
     from protein_ray.config import OptimConfig
     from protein_ray.model import autocast_context, create_model
     from protein_ray.optimization import build_optimizer, train_one_epoch
@@ -64,14 +75,15 @@ def amp_training(model_name: str, images: torch.Tensor, steps: int, device: torc
             "autocast_dtype": str(autocast.fast_dtype) if device.type == "cuda" and optim.amp else "off"}
 
 
-@torch.inference_mode()
 def inference_rate(model_name: str, images: torch.Tensor, repeats: int, device: torch.device) -> float:
+    import torch
+
     from protein_ray.model import autocast_context, create_model, prepare_for_inference
 
     model = prepare_for_inference(create_model(model_name), device, images[:1])  # as the Predictor runs it
     autocast, _ = autocast_context(device, True)
     images = images.to(device).contiguous(memory_format=torch.channels_last)
-    with autocast:
+    with torch.inference_mode(), autocast:
         for _ in range(3):
             model(images)
         synchronize(device)
@@ -84,6 +96,8 @@ def inference_rate(model_name: str, images: torch.Tensor, repeats: int, device: 
 
 def decode_rate_per_core(files: list[bytes], image_size: int, seconds: float = 5.0) -> float:
     """Decode + preprocess one image at a time on one thread, as one decode task does."""
+    import torch
+
     from protein_ray.imaging import Preprocessing, decode_image, preprocess_batch
 
     threads = torch.get_num_threads()
@@ -97,6 +111,8 @@ def decode_rate_per_core(files: list[bytes], image_size: int, seconds: float = 5
 
 
 def measure(args) -> dict:
+    import torch
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     images, files = synthetic_batch(args.source_size, args.image_size, args.batch_size, args.out)
     figures = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -123,7 +139,7 @@ def summarize(out: Path) -> None:
         print(f"  {key:<{width}}  {value}")
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/gpu-check"))
     parser.add_argument("--model", default="resnet34")
@@ -132,7 +148,11 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=300, help="timed training steps")
     parser.add_argument("--summarize", type=Path, metavar="OUT", help="print the summary table of a finished check")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     if args.summarize:
         return summarize(args.summarize)
     args.out.mkdir(parents=True, exist_ok=True)
