@@ -175,15 +175,9 @@ def deploy(config: dict, timeout_s: float = 600) -> None:
         time.sleep(0.5)
 
 
-def replica_cpus(model_gpus: float) -> int:
-    """One CPU for a CPU replica (Ray gives an actor as many torch threads as CPUs it
-    reserves); a GPU replica's CPUs decode for it, as the app's builder gives it."""
-    from protein_ray.defaults import GPU_REPLICA_CPUS
-
-    return GPU_REPLICA_CPUS if model_gpus else 1
-
-
 def batching(max_batch_size: int, wait_s: float, replicas: int, model_gpus: float) -> dict:
+    from protein_ray.serve import replica_cpus
+
     return {"autoscaling_config": {"min_replicas": replicas, "max_replicas": replicas},
             "max_ongoing_requests": 64,
             "ray_actor_options": {"num_cpus": replica_cpus(model_gpus), "num_gpus": model_gpus},
@@ -376,6 +370,7 @@ def main() -> None:
     from ray import serve
 
     from protein_ray.demo import free_port
+    from protein_ray.serve import replica_cpus
 
     with tempfile.TemporaryDirectory() as scratch:
         # Logical CPUs: the replicas' (the proxy and controller reserve none).

@@ -309,13 +309,18 @@ def cluster_has_gpus() -> bool:
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
 
 
+def replica_cpus(num_gpus: float) -> int:
+    """A classifier replica's CPUs: one on CPU (Ray gives an actor as many torch threads as
+    CPUs it reserves); a GPU replica needs cores to decode for it (PNG decode, not the
+    model, limits it there)."""
+    return defaults.GPU_REPLICA_CPUS if num_gpus else 1
+
+
 def classifier_options(args: AppArgs) -> dict:
     """Defaults that serve_config.yaml's ``deployments:`` may override."""
     num_gpus = (1 if cluster_has_gpus() else 0) if args.num_gpus == "auto" else float(args.num_gpus)
-    # A GPU replica needs cores to decode for it (PNG decode, not the model, limits it there).
-    num_cpus = defaults.GPU_REPLICA_CPUS if num_gpus else 1
     return {
-        "ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus},
+        "ray_actor_options": {"num_cpus": replica_cpus(num_gpus), "num_gpus": num_gpus},
         # Room for batches to fill (it must exceed max_batch_size) and for requests
         # past max_decodes + max_waiting to reach the replica and get their 503.
         "max_ongoing_requests": defaults.SERVE_MAX_ONGOING_REQUESTS,

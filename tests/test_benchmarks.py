@@ -16,11 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Stands in for `python` on gpu_check.sh's PATH: a benchmark script only has its
 # arguments parsed (and the outcome logged); anything else (`-c "import torch"`) runs.
+# The script's folder comes first on sys.path, as when Python runs a script.
 CHECK_ARGUMENTS = """
-import importlib.util, json, subprocess, sys
+import importlib.util, json, os, subprocess, sys
 args = sys.argv[1:]
 if not args or not args[0].endswith(".py"):
     sys.exit(subprocess.call([{python!r}, *args]))
+sys.path.insert(0, os.path.dirname(os.path.abspath(args[0])))
 spec = importlib.util.spec_from_file_location("benchmark", args[0])
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
